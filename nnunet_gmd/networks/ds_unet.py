@@ -1,0 +1,295 @@
+"""Dynamic Sharing (DS) U-Net: one single-channel U-Net whose convolutions are shared by all modality branches.
+
+Each modality is run as its own single-channel image; the available branches are folded into the batch
+dimension so every shared convolution runs once for all of them. Only the normalization affine parameters
+are modality-specific. The logits of the available branches are averaged (late fusion). A missing branch is
+never computed, so values in a missing channel cannot reach the output.
+
+The constructor takes the arguments of ``dynamic_network_architectures``' ``PlainConvUNet`` (stages, features,
+kernels, strides, conv/norm/dropout/nonlin ops), so the network is built straight from nnU-Net plans.
+
+Why not wrap ``PlainConvUNet`` itself? Its blocks call ``norm(x)`` with one argument, so a modality-aware norm
+would have to learn "which branch is row i" through hidden mutable state set before every call. Threading the
+per-modality row counts through ``forward`` instead keeps the module stateless, scriptable with TorchScript
+(the mask stays a runtime input of the exported model) and safe under DDP. Layer layout, padding, He
+initialisation and deep-supervision outputs follow ``PlainConvUNet``.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+_TRANSPOSED = {nn.Conv1d: nn.ConvTranspose1d, nn.Conv2d: nn.ConvTranspose2d, nn.Conv3d: nn.ConvTranspose3d}
+
+
+def _as_list(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+class _Affine(nn.Module):
+    """Per-channel scale and shift of one modality."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+
+class ModalityNorm(nn.Module):
+    """A normalization op without affine, followed by the affine of each row's modality.
+
+    Rows are ordered modality-major and ``counts[m]`` says how many rows modality m owns. Only the affines of
+    modalities that are present enter the autograd graph: an absent modality's parameters get no gradient
+    (``None``), which is what GMD's "parameters that every subset reaches" rule looks at.
+    """
+
+    def __init__(self, num_features: int, num_modalities: int, norm_op: Type[nn.Module] = nn.InstanceNorm3d,
+                 norm_op_kwargs: Optional[dict] = None) -> None:
+        super().__init__()
+        kwargs = dict(norm_op_kwargs or {})
+        kwargs["affine"] = False
+        self.norm = norm_op(num_features, **kwargs)
+        self.affines = nn.ModuleList([_Affine(num_features) for _ in range(num_modalities)])
+
+    def forward(self, x: Tensor, counts: List[int]) -> Tensor:
+        y = self.norm(x)
+        weights: List[Tensor] = []
+        biases: List[Tensor] = []
+        for m, affine in enumerate(self.affines):
+            n = counts[m]
+            if n > 0:
+                weights.append(affine.weight.expand(n, -1))
+                biases.append(affine.bias.expand(n, -1))
+        shape = [y.shape[0], y.shape[1]] + [1] * (y.dim() - 2)
+        w = torch.cat(weights).view(shape).to(y.dtype)
+        b = torch.cat(biases).view(shape).to(y.dtype)
+        return torch.addcmul(b, y, w)
+
+
+class ConvNormAct(nn.Module):
+    """conv -> dropout -> modality norm -> nonlinearity, as nnU-Net's ``ConvDropoutNormReLU``."""
+
+    def __init__(self, conv_op: Type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
+                 stride: Union[int, Sequence[int]], conv_bias: bool, num_modalities: int,
+                 norm_op: Type[nn.Module], norm_op_kwargs: Optional[dict], dropout_op: Optional[Type[nn.Module]],
+                 dropout_op_kwargs: Optional[dict], nonlin: Optional[Type[nn.Module]],
+                 nonlin_kwargs: Optional[dict]) -> None:
+        super().__init__()
+        kernel_size = list(kernel_size)
+        self.conv = conv_op(in_channels, out_channels, kernel_size, stride,
+                            padding=[(k - 1) // 2 for k in kernel_size], dilation=1, bias=conv_bias)
+        self.dropout = dropout_op(**(dropout_op_kwargs or {})) if dropout_op is not None else nn.Identity()
+        self.norm = ModalityNorm(out_channels, num_modalities, norm_op, norm_op_kwargs)
+        self.nonlin = nonlin(**(nonlin_kwargs or {})) if nonlin is not None else nn.Identity()
+
+    def forward(self, x: Tensor, counts: List[int]) -> Tensor:
+        return self.nonlin(self.norm(self.dropout(self.conv(x)), counts))
+
+
+class ConvStack(nn.Module):
+    """``n`` ConvNormAct blocks; the first one carries the stride."""
+
+    def __init__(self, n: int, conv_op, in_channels: int, out_channels: int, kernel_size, stride, **block_kwargs):
+        super().__init__()
+        blocks = [ConvNormAct(conv_op, in_channels, out_channels, kernel_size, stride, **block_kwargs)]
+        blocks += [ConvNormAct(conv_op, out_channels, out_channels, kernel_size, 1, **block_kwargs)
+                   for _ in range(n - 1)]
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, counts: List[int]) -> Tensor:
+        for block in self.blocks:
+            x = block(x, counts)
+        return x
+
+
+class DSEncoder(nn.Module):
+    def __init__(self, stages: List[ConvStack]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Tensor, counts: List[int]) -> List[Tensor]:
+        skips: List[Tensor] = []
+        for stage in self.stages:
+            x = stage(x, counts)
+            skips.append(x)
+        return skips
+
+
+class DecoderStage(nn.Module):
+    """Upsample, concatenate the skip, convolve; the segmentation head is always built so weights load either way."""
+
+    def __init__(self, transpconv: nn.Module, convs: ConvStack, seg_layer: nn.Module) -> None:
+        super().__init__()
+        self.transpconv = transpconv
+        self.convs = convs
+        self.seg_layer = seg_layer
+
+    def forward(self, below: Tensor, skip: Tensor, counts: List[int]) -> Tensor:
+        return self.convs(torch.cat((self.transpconv(below), skip), 1), counts)
+
+
+class DSDecoder(nn.Module):
+    """Decoder whose ``deep_supervision`` flag nnU-Net toggles (``network.decoder.deep_supervision``)."""
+
+    def __init__(self, stages: List[DecoderStage], deep_supervision: bool) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.deep_supervision = deep_supervision
+
+    def forward(self, skips: List[Tensor], counts: List[int]) -> List[Tensor]:
+        """Segmentation logits, highest resolution first (one entry unless deep supervision is on)."""
+        x = skips[-1]
+        outputs: List[Tensor] = []
+        n = len(self.stages)
+        for s, stage in enumerate(self.stages):
+            x = stage(x, skips[-(s + 2)], counts)
+            if self.deep_supervision or s == n - 1:
+                outputs.append(stage.seg_layer(x))
+        outputs.reverse()
+        return outputs
+
+
+class DSUNet(nn.Module):
+    """Dynamic Sharing U-Net over ``num_modalities`` single-channel branches.
+
+    ``forward(x, available)`` takes ``x`` of shape ``(B, M, *spatial)`` and an optional boolean availability
+    mask of shape ``(M,)`` or ``(B, M)`` (default: all available). It returns the fused logits, or a list of
+    them (highest resolution first) when deep supervision is on. ``forward_branches`` returns the per-branch
+    logits that GMD needs.
+    """
+
+    _default_available: Optional[Tensor]
+
+    def __init__(self, num_modalities: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
+                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage: Union[int, Sequence[int]],
+                 num_classes: int, n_conv_per_stage_decoder: Union[int, Sequence[int]], conv_bias: bool = False,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
+                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
+                 deep_supervision: bool = False) -> None:
+        super().__init__()
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        if conv_op not in _TRANSPOSED:
+            raise ValueError(f"conv_op must be one of {list(_TRANSPOSED)}, got {conv_op}")
+        self.num_modalities = num_modalities
+        self.num_classes = num_classes
+        self._default_available = None
+        features = _as_list(features_per_stage, n_stages)
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv_op]
+        kernels = [_as_list(k, dims) for k in _as_list(kernel_sizes, n_stages)]
+        strides = _as_list(strides, n_stages)
+        n_conv = _as_list(n_conv_per_stage, n_stages)
+        n_conv_dec = _as_list(n_conv_per_stage_decoder, n_stages - 1)
+        if not (len(features) == len(kernels) == len(strides) == len(n_conv) == n_stages
+                and len(n_conv_dec) == n_stages - 1):
+            raise ValueError("features_per_stage, kernel_sizes, strides and n_conv_per_stage need n_stages entries "
+                             "and n_conv_per_stage_decoder n_stages - 1")
+        block_kwargs = dict(conv_bias=conv_bias, num_modalities=num_modalities,
+                            norm_op=norm_op or (nn.InstanceNorm3d if conv_op is nn.Conv3d else nn.InstanceNorm2d),
+                            norm_op_kwargs=norm_op_kwargs if norm_op_kwargs is not None else {"eps": 1e-5},
+                            dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
+                            nonlin_kwargs=nonlin_kwargs)
+        enc, in_ch = [], 1
+        for s in range(n_stages):
+            enc.append(ConvStack(n_conv[s], conv_op, in_ch, features[s], kernels[s], strides[s], **block_kwargs))
+            in_ch = features[s]
+        self.encoder = DSEncoder(enc)
+        transp = _TRANSPOSED[conv_op]
+        dec = []
+        for s in range(1, n_stages):
+            below, skip, stride = features[-s], features[-(s + 1)], strides[-s]
+            dec.append(DecoderStage(
+                transp(below, skip, stride, stride, bias=conv_bias),
+                ConvStack(n_conv_dec[s - 1], conv_op, 2 * skip, skip, kernels[-(s + 1)], 1, **block_kwargs),
+                conv_op(skip, num_classes, 1, 1, 0, bias=True)))
+        self.decoder = DSDecoder(dec, deep_supervision)
+        self.apply(_init_he)
+
+    # ------------------------------------------------------------------ folding
+    def _mask(self, x: Tensor, available: Optional[Tensor]) -> Tensor:
+        b, m = x.shape[0], x.shape[1]
+        if m != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {m}")
+        if available is None:
+            available = self._default_available
+        if available is None:
+            return torch.ones(b, m, dtype=torch.bool, device=x.device)
+        mask = available.to(device=x.device, dtype=torch.bool)
+        if mask.dim() == 1:
+            mask = mask.unsqueeze(0).expand(b, m)
+        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != m:
+            raise ValueError(f"availability mask must have shape ({m},) or ({b}, {m}), got {list(available.shape)}")
+        if not bool(mask.any(1).all()):
+            raise ValueError("every sample needs at least one available modality; got an all-missing mask row")
+        return mask
+
+    def fold(self, x: Tensor, available: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, List[int]]:
+        """Select the available branches into a ``(N, 1, *spatial)`` batch, modality-major.
+
+        Returns the rows, the sample index of each row and the number of rows per modality.
+        """
+        mask = self._mask(x, available)
+        idx = mask.t().nonzero()
+        modality_idx, sample_idx = idx[:, 0], idx[:, 1]
+        rows = x[sample_idx, modality_idx].unsqueeze(1)
+        counts: List[int] = mask.sum(0).tolist()
+        return rows, sample_idx, counts
+
+    def _run(self, rows: Tensor, counts: List[int]) -> List[Tensor]:
+        return self.decoder(self.encoder(rows, counts), counts)
+
+    @staticmethod
+    def _fuse(logits: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
+        shape = [batch] + list(logits.shape[1:])
+        total = torch.zeros(shape, dtype=logits.dtype, device=logits.device).index_add_(0, sample_idx, logits)
+        n = torch.bincount(sample_idx, minlength=batch).to(logits.dtype)
+        return total / n.view([batch] + [1] * (logits.dim() - 1))
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x: Tensor, available: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
+        rows, sample_idx, counts = self.fold(x, available)
+        fused = [self._fuse(o, sample_idx, x.shape[0]) for o in self._run(rows, counts)]
+        if self.decoder.deep_supervision:
+            return fused
+        return fused[0]
+
+    def forward_branches(self, x: Tensor) -> List[Tensor]:
+        """Per-branch logits with every modality on: one ``(M, B, C, *spatial)`` tensor per output scale.
+
+        Subset S's prediction is ``out[list(S)].mean(0)``; that is what GMD's per-subset losses are taken on.
+        """
+        b, m = x.shape[0], x.shape[1]
+        if m != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {m}")
+        rows = x.transpose(0, 1).reshape([m * b, 1] + list(x.shape[2:]))
+        counts: List[int] = [b] * m
+        return [o.view([m, b] + list(o.shape[1:])) for o in self._run(rows, counts)]
+
+    @torch.jit.unused
+    def modality_of_parameters(self) -> Dict[str, Optional[int]]:
+        """Parameter name -> owning modality index, or ``None`` for weights shared by every branch."""
+        owners: Dict[str, Optional[int]] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            owners[name] = int(parts[parts.index("affines") + 1]) if "affines" in parts else None
+        return owners
+
+    @torch.jit.unused
+    def set_default_available(self, available: Optional[Tensor]) -> None:
+        """Availability used when ``forward`` is called without a mask (nnU-Net's predictor calls ``network(x)``)."""
+        if available is not None:
+            available = available.to(torch.bool)
+            if available.dim() != 1 or available.numel() != self.num_modalities or not bool(available.any()):
+                raise ValueError(f"default availability must be a non-empty ({self.num_modalities},) mask, "
+                                 f"got {available.tolist()}")
+        self._default_available = available
+
+
+def _init_he(module: nn.Module, neg_slope: float = 1e-2) -> None:
+    """nnU-Net's ``InitWeights_He``."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                           nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=neg_slope)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
