@@ -1,0 +1,57 @@
+"""``nnunet-gmd``: one entry point whose sub-commands live next to the code they drive.
+
+Each feature module exposes ``register(subparsers)``, adding its sub-commands with ``set_defaults(func=...)``.
+Expected user errors (bad input files, unknown modality names, ...) are raised as :class:`UserError` and
+printed as one clear line, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# Modules that contribute sub-commands. A module that cannot be imported (an optional integration whose
+# dependency is absent) is reported only when one of its commands is asked for.
+COMMAND_MODULES = (
+    "nnunet_gmd.bench",
+    "nnunet_gmd.nnunet.cli",
+    "nnunet_gmd.sentiment.cli",
+    "nnunet_gmd.demo.cli",
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-gmd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # the module itself is not there (yet)
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"nnunet-gmd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
