@@ -1,0 +1,1 @@
+"""The built-in demo: generated BraTS-like phantoms and the end-to-end pipeline run on them."""
