@@ -5,8 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnunet_gmd.demo.phantoms import (CSF, EDEMA, ENHANCING, GM, MODALITIES, NECROSIS, WM, make_phantom,
-                                      write_brats_like_cases)
+from nnunet_gmd.demo.phantoms import (CSF, EDEMA, ENHANCING, GM, MODALITIES, NECROSIS, SCALP, SKULL, WM,
+                                      make_phantom, write_brats_like_cases)
 
 BRAIN_AND_TUMOUR = (CSF, GM, WM, EDEMA, ENHANCING, NECROSIS)
 
@@ -51,12 +51,16 @@ def test_each_modality_carries_distinct_information(phantoms):
         assert means["t2"][EDEMA] / means["t2"][CSF] < 1.2
 
 
-def test_images_have_noise_and_a_bias_field():
+def test_images_have_noise_and_a_bias_field_and_are_skull_stripped_like_brats():
     p = make_phantom((32, 32, 32), np.random.default_rng(3))
     wm = p.images["t1"][p.tissue == WM]
     assert wm.std() / wm.mean() > 0.03          # not piecewise constant
-    background = p.images["t1"][p.tissue == 0]
-    assert background.max() > 0                 # noise floor outside the head
+    outside_brain = np.isin(p.tissue, (0, SCALP, SKULL))
+    assert np.all(p.images["flair"][outside_brain] == 0)
+    with_skull = make_phantom((32, 32, 32), np.random.default_rng(3), skull_stripped=False)
+    assert with_skull.images["t1"][with_skull.tissue == SCALP].mean() > with_skull.images["t1"][
+        with_skull.tissue == SKULL].mean()     # bright scalp fat, dark bone on T1
+    assert with_skull.images["t1"][with_skull.tissue == 0].max() > 0   # noise floor outside the head
 
 
 def test_written_cases_follow_brats_layout_and_are_deterministic(tmp_path):

@@ -1,6 +1,6 @@
 """Procedural BraTS-like brain phantoms: a built-in dataset that needs no download.
 
-Each case is a head with scalp, skull, CSF (cortical rim and two ventricles), grey and white matter, and a
+Each case is a (by default skull-stripped, like BraTS) head with scalp, skull, CSF (cortical rim and two ventricles), grey and white matter, and a
 glioma made of peritumoural edema (label 2), a necrotic core (label 1) and an enhancing rim (label 4).
 The four sequences render the same anatomy with the relative contrasts of real MRI, chosen so that every
 modality carries partly distinct information and dropping one actually hurts:
@@ -66,8 +66,13 @@ class Phantom:
     tissue: np.ndarray              # uint8 tissue class per voxel
 
 
-def make_phantom(shape: Sequence[int] = (32, 32, 32), rng: np.random.Generator | None = None) -> Phantom:
-    """Generate one case; all randomness comes from ``rng``."""
+def make_phantom(shape: Sequence[int] = (32, 32, 32), rng: np.random.Generator | None = None,
+                 skull_stripped: bool = True) -> Phantom:
+    """Generate one case; all randomness comes from ``rng``.
+
+    ``skull_stripped`` zeroes everything outside the brain, as in the BraTS release (and so nnU-Net's
+    crop-to-nonzero works on phantoms as it does on real data).
+    """
     rng = rng if rng is not None else np.random.default_rng(0)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
@@ -135,6 +140,8 @@ def make_phantom(shape: Sequence[int] = (32, 32, 32), rng: np.random.Generator |
         noise_sd = rng.uniform(0.02, 0.05)
         image = np.abs(image * bias + noise_sd * rng.standard_normal(shape))        # Rician-like magnitude
         image[tissue == BACKGROUND] = np.abs(noise_sd * 0.5 * rng.standard_normal(int((tissue == 0).sum())))
+        if skull_stripped:
+            image[~brain] = 0.0
         images[modality] = (image * 1000 * rng.uniform(0.8, 1.2)).astype(np.float32)
     return Phantom(images=images, seg=seg, tissue=tissue)
 

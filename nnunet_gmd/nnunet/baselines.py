@@ -1,0 +1,111 @@
+"""Baseline trainers for missing-modality comparisons, on the same explicit training budget as GMD.
+
+* ``nnUNetTrainerBudget``: stock ``nnUNetTrainer`` that only honours the budget environment variables, so the
+  demo and benchmark can train the stock baseline for exactly as long as every other method. At test time a
+  missing channel is zero-filled.
+* ``nnUNetTrainerModalityDropout``: stock network, but every training sample sees a random non-empty subset
+  of its input channels (the others zeroed), each of the 2^M - 1 subsets equally likely. This is the common
+  strong baseline for missing-modality robustness.
+
+The budget variables (all optional, positive integers) are shared by every trainer of this package:
+``NNUNET_GMD_NUM_EPOCHS``, ``NNUNET_GMD_ITERS_PER_EPOCH`` and ``NNUNET_GMD_VAL_ITERS``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_gmd.subsets import all_subsets, subset_mask
+
+BUDGET_ENV_VARS = {
+    "NNUNET_GMD_NUM_EPOCHS": "num_epochs",
+    "NNUNET_GMD_ITERS_PER_EPOCH": "num_iterations_per_epoch",
+    "NNUNET_GMD_VAL_ITERS": "num_val_iterations_per_epoch",
+}
+
+
+def budget_from_env(environ: dict | None = None) -> dict[str, int]:
+    """Trainer attributes to override, read from the budget environment variables that are set."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for var, attribute in BUDGET_ENV_VARS.items():
+        raw = environ.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"environment variable {var}={raw!r} must be a positive integer") from None
+        if value < 1:
+            raise ValueError(f"environment variable {var}={raw!r} must be a positive integer")
+        out[attribute] = value
+    return out
+
+
+def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
+    """Override epochs / iterations of an initialised-in-``__init__`` trainer from the environment."""
+    for attribute, value in budget_from_env().items():
+        setattr(trainer, attribute, value)
+
+
+def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Zero the channels outside one uniformly drawn non-empty subset, independently per sample.
+
+    Zero is what a missing channel becomes at test time for a stock nnU-Net (after z-scoring, the mean).
+    """
+    num_channels = data.shape[1]
+    subsets = all_subsets(num_channels)
+    draws = torch.randint(len(subsets), (data.shape[0],), generator=generator)
+    keep = torch.stack([subset_mask(subsets[int(i)], num_channels) for i in draws])
+    shape = keep.shape + (1,) * (data.ndim - 2)
+    return data * keep.view(shape).to(device=data.device, dtype=data.dtype)
+
+
+class nnUNetTrainerBudget(nnUNetTrainer):
+    """Stock nnU-Net training, with the budget taken from ``NNUNET_GMD_*`` environment variables.
+
+    nnU-Net records ``__init__``'s named parameters to re-create a trainer from a checkpoint, so every subclass
+    spells out the full signature instead of ``*args, **kwargs``.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_from_env(self)
+
+
+class nnUNetTrainerModalityDropout(nnUNetTrainerBudget):
+    """Stock network trained on randomly masked inputs: each sample keeps one random non-empty channel subset."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # Own generator: the subset draw is reproducible and does not perturb nnU-Net's augmentation RNG.
+        self.dropout_generator = torch.Generator().manual_seed(12345)
+
+    def train_step(self, batch: dict) -> dict:
+        batch = dict(batch)
+        batch["data"] = drop_random_modalities(batch["data"], self.dropout_generator)
+        return super().train_step(batch)
+
+
+class nnUNetTrainerBudget_smoke(nnUNetTrainerBudget):
+    """Two tiny epochs, for tests (the budget variables still win when set)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2
+        apply_budget_from_env(self)
+
+
+class nnUNetTrainerModalityDropout_smoke(nnUNetTrainerModalityDropout):
+    """Two tiny epochs, for tests (the budget variables still win when set)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2
+        apply_budget_from_env(self)
