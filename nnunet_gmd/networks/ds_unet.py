@@ -216,7 +216,7 @@ class DSUNet(nn.Module):
         if available is None:
             return torch.ones(b, m, dtype=torch.bool, device=x.device)
         mask = available.to(device=x.device, dtype=torch.bool)
-        if mask.dim() == 1:
+        if mask.dim() == 1 and mask.shape[0] == m:
             mask = mask.unsqueeze(0).expand(b, m)
         if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != m:
             raise ValueError(f"availability mask must have shape ({m},) or ({b}, {m}), got {list(available.shape)}")
@@ -265,6 +265,27 @@ class DSUNet(nn.Module):
         rows = x.transpose(0, 1).reshape([m * b, 1] + list(x.shape[2:]))
         counts: List[int] = [b] * m
         return [o.view([m, b] + list(o.shape[1:])) for o in self._run(rows, counts)]
+
+    @torch.jit.unused
+    def forward_branch_graphs(self, x: Tensor) -> List[List[Tensor]]:
+        """Each modality branch as its own autograd graph: ``out[m][scale]`` of shape ``(B, C, *spatial)``.
+
+        Used by GMD's structured path: a subset's VJP then runs through that subset's branches only, instead
+        of through every branch with zero cotangents. The convolutions see batch B instead of M*B here.
+        """
+        b, m = x.shape[0], x.shape[1]
+        if m != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {m}")
+        outputs = []
+        for i in range(m):
+            counts = [0] * m
+            counts[i] = b
+            outputs.append(self._run(x[:, i:i + 1], counts))
+        return outputs
+
+    @torch.jit.unused
+    def uses_deep_supervision(self) -> bool:
+        return bool(self.decoder.deep_supervision)
 
     @torch.jit.unused
     def modality_of_parameters(self) -> Dict[str, Optional[int]]:

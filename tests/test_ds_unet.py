@@ -1,0 +1,131 @@
+"""Dynamic Sharing U-Net: shared weights, switched-off branches, fusion, deep supervision, export."""
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from nnunet_gmd.networks import DSUNet
+
+
+def tiny_net(dim: int = 3, m: int = 4, deep_supervision: bool = False, classes: int = 3) -> DSUNet:
+    conv = nn.Conv3d if dim == 3 else nn.Conv2d
+    norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
+    torch.manual_seed(0)
+    return DSUNet(m, 3, [4, 8, 16], conv, 3, [1, 2, 2], 2, classes, 1, conv_bias=True, norm_op=norm,
+                  norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
+
+
+def test_convolutions_match_plain_unet_and_only_norm_affines_are_per_modality():
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    net = tiny_net(m=4)
+    plain = PlainConvUNet(1, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 2, 3, 1, conv_bias=True,
+                          norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                          nonlin=nn.LeakyReLU)
+    conv_params = lambda mod: sorted(p.numel() for n, p in mod.named_parameters() if "norm" not in n)  # noqa: E731
+    assert conv_params(net) == conv_params(plain)
+    plain_norm = sum(p.numel() for n, p in plain.named_parameters() if "norm" in n)
+    ds_norm = sum(p.numel() for n, p in net.named_parameters() if "norm" in n)
+    assert ds_norm == 4 * plain_norm
+    owners = net.modality_of_parameters()
+    assert {o for o in owners.values()} == {None, 0, 1, 2, 3}
+    assert all(owners[n] is None for n in owners if "affines" not in n)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_missing_channel_values_cannot_change_the_output(dim):
+    net = tiny_net(dim).eval()
+    x = torch.randn(2, 4, *([16] * dim))
+    mask = torch.tensor([True, False, True, False])
+    ref = net(x, mask)
+    x2 = x.clone()
+    x2[:, 1] = torch.randn_like(x2[:, 1]) * 100
+    x2[:, 3] = float("nan")
+    assert torch.equal(net(x2, mask), ref)
+    assert not torch.allclose(net(x2), ref)  # with all branches on, channel 1 does matter
+
+
+def test_fusion_is_the_mean_of_available_branch_logits():
+    net = tiny_net().eval()
+    x = torch.randn(2, 4, 16, 16, 16)
+    branches = net.forward_branches(x)[0]  # (M, B, C, ...)
+    for subset in [(0,), (1, 3), (0, 1, 2, 3)]:
+        mask = torch.zeros(4, dtype=torch.bool)
+        mask[list(subset)] = True
+        torch.testing.assert_close(net(x, mask), branches[list(subset)].mean(0), rtol=1e-5, atol=1e-6)
+    graphs = net.forward_branch_graphs(x)
+    torch.testing.assert_close(graphs[2][0], branches[2], rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_mask_equals_separate_calls():
+    net = tiny_net().eval()
+    x = torch.randn(2, 4, 16, 16, 16)
+    mask = torch.tensor([[True, False, False, True], [False, True, True, True]])
+    out = net(x, mask)
+    torch.testing.assert_close(out[0:1], net(x[0:1], mask[0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1:2], net(x[1:2], mask[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_all_missing_and_wrong_shapes_are_clear_errors():
+    net = tiny_net()
+    x = torch.randn(2, 4, 16, 16, 16)
+    with pytest.raises(ValueError, match="at least one available modality"):
+        net(x, torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one available modality"):
+        net(x, torch.tensor([[True, False, False, False], [False] * 4]))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        net(x, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expected 4 modality channels"):
+        net(torch.randn(1, 3, 16, 16, 16))
+    with pytest.raises(ValueError, match="non-empty"):
+        net.set_default_available(torch.zeros(4, dtype=torch.bool))
+
+
+def test_cost_falls_with_fewer_modalities():
+    net = tiny_net().eval()
+    x = torch.randn(1, 4, 16, 16, 16)
+
+    def flops(mask):
+        with FlopCounterMode(display=False) as counter:
+            net(x, mask)
+        return counter.get_total_flops()
+
+    full, one = flops(torch.ones(4, dtype=torch.bool)), flops(torch.tensor([False, False, True, False]))
+    assert one * 4 == pytest.approx(full, rel=0.01)
+
+
+def test_default_availability_is_used_by_plain_calls():
+    net = tiny_net().eval()
+    x = torch.randn(1, 4, 16, 16, 16)
+    mask = torch.tensor([False, True, True, False])
+    net.set_default_available(mask)
+    assert torch.equal(net(x), net(x, mask))
+    net.set_default_available(None)
+    assert torch.equal(net(x), net(x, torch.ones(4, dtype=torch.bool)))
+
+
+def test_deep_supervision_outputs_highest_resolution_first():
+    net = tiny_net(deep_supervision=True)
+    outs = net(torch.randn(2, 4, 16, 16, 16))
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
+    net.decoder.deep_supervision = False
+    assert tuple(net(torch.randn(2, 4, 16, 16, 16)).shape) == (2, 3, 16, 16, 16)
+    # the same modules either way: weights trained with deep supervision load strictly without it
+    tiny_net(deep_supervision=False).load_state_dict(net.state_dict(), strict=True)
+
+
+def test_scripted_export_keeps_the_mask_a_runtime_input():
+    net = tiny_net().eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(net), buffer)
+    buffer.seek(0)
+    exported = torch.jit.load(buffer)
+    x = torch.randn(2, 4, 16, 16, 16)
+    for mask in [torch.tensor([True, False, False, False]), torch.tensor([False, True, True, True]),
+                 torch.tensor([[True, False, False, False], [False, False, True, True]])]:
+        torch.testing.assert_close(exported(x, mask), net(x, mask))
+    assert not torch.allclose(exported(x, torch.tensor([True, False, False, False])),
+                              exported(x, torch.tensor([False, True, False, False])))
