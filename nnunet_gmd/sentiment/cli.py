@@ -1,0 +1,172 @@
+"""``nnunet-gmd sentiment {train,evaluate,synthetic}``: the MOSI/MOSEI companion on the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from nnunet_gmd.cli import UserError
+from nnunet_gmd.sentiment import MODALITIES
+from nnunet_gmd.sentiment.data import SPLITS, SentimentData, SentimentDataError, dataset_mismatch_hint, \
+    load_sentiment_file
+from nnunet_gmd.sentiment.synthetic import FORMATS
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Expected failures of our own modules become one-line user errors."""
+    from nnunet_gmd.sentiment.checkpoint import CheckpointError
+    from nnunet_gmd.sentiment.train import TrainingError
+    try:
+        yield
+    except (SentimentDataError, CheckpointError, TrainingError) as e:
+        raise UserError(str(e)) from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _subsets_per_step(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or an integer, got {text!r}") from None
+
+
+def _load(path: str, fix_nonfinite: bool) -> SentimentData:
+    with _user_errors():
+        data = load_sentiment_file(path, fix_nonfinite=fix_nonfinite)
+    print(data.describe())
+    for where, count in data.nonfinite_fixed.items():
+        print(f"note: set {count} NaN/inf value(s) in {where} to 0 (--fix-nonfinite)")
+    return data
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nnunet_gmd.sentiment.train import TrainConfig, train
+
+    data = _load(args.data, args.fix_nonfinite)
+    hint = dataset_mismatch_hint(data, args.dataset)
+    if hint:
+        print(f"warning: {hint}", file=sys.stderr)
+    with _user_errors():
+        config = TrainConfig(dataset=args.dataset, method=args.method, subsets_per_step=args.subsets,
+                             epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, gmd_reduction=args.gmd_reduction, hidden=args.hidden,
+                             layers=args.layers, heads=args.heads, dropout=args.dropout)
+        result = train(data, config, args.out, resume=args.resume, device=_device(args.device))
+    if not result.history:
+        print("nothing to train: the run already has all requested epochs")
+    print(f"best epoch {result.best_epoch} (valid MAE {result.best_score:.4f}); checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nnunet_gmd.sentiment.batching import SplitTensors
+    from nnunet_gmd.sentiment.checkpoint import load_checkpoint, model_from_checkpoint
+    from nnunet_gmd.sentiment.evaluate import evaluate_subsets, missing_rate_curve, write_reports
+
+    with _user_errors():
+        state = load_checkpoint(args.checkpoint)
+    data = _load(args.data, args.fix_nonfinite)
+    trained = list(state["model_config"]["feature_dims"])
+    have = [data.feature_dims[m] for m in MODALITIES]
+    if trained != have:
+        raise UserError(f"{args.data}: feature sizes {have} ({', '.join(MODALITIES)}) do not match the "
+                        f"checkpoint's {trained} ({args.checkpoint})")
+    device = _device(args.device)
+    model = model_from_checkpoint(state).to(device)
+    tensors = SplitTensors(data.splits[args.split])
+    metrics = evaluate_subsets(model, tensors, batch_size=args.batch_size, device=device)
+    curve = (missing_rate_curve(model, tensors, seed=args.seed, batch_size=args.batch_size, device=device)
+             if args.missing_rate_curve else None)
+    cfg = state["train_config"]
+    title = f"{cfg['dataset'].upper()} {cfg['method']} ({args.split}, {Path(args.data).name})"
+    written = write_reports(args.out, metrics, title, curve)
+    for name, row in metrics.items():
+        print(f"{name:>4}  MAE {row['MAE']:.4f}  Corr {row['Corr']:.4f}  Non0_acc_2 {row['Non0_acc_2']:.4f}  "
+              f"Mult_acc_7 {row['Mult_acc_7']:.4f}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from nnunet_gmd.sentiment.synthetic import write_synthetic
+
+    path = write_synthetic(args.out, fmt=args.format, dataset=args.dataset,
+                           sizes=(args.train, args.valid, args.test), text_dim=args.text_dim, seed=args.seed)
+    print(f"wrote {path} (synthetic {args.format} {args.dataset.upper()}-shaped features; not real data)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sentiment", help="CMU-MOSI / CMU-MOSEI with the DS + GMD core",
+                                   description="Multimodal sentiment regression (text, audio, vision) with a "
+                                               "Dynamic Sharing network trained by GMD. See docs/sentiment.md.")
+    sub = parser.add_subparsers(dest="sentiment_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    data_help = "MMSA aligned_50.pkl / unaligned_50.pkl or MulT mosi_data.pkl / mosei_senti_data.pkl"
+    nonfinite_help = "set NaN/inf features to 0 instead of refusing the file (MOSEI's audio has known -inf values)"
+    device_help = "cpu, cuda or auto (cuda when available)"
+
+    t = sub.add_parser("train", help="train on the train split, select on valid")
+    t.add_argument("--data", required=True, help=data_help)
+    t.add_argument("--dataset", required=True, choices=("mosi", "mosei"))
+    t.add_argument("--out", required=True, help="run folder: last.pt, best.pt, history.json, training_curve.png")
+    t.add_argument("--method", default="gmd", choices=("gmd", "ds", "full"),
+                   help="gmd: decoupled subset gradients (default); ds: mean of subset losses; full: all "
+                        "modalities only")
+    t.add_argument("--subsets", type=_subsets_per_step, default=None, metavar="all|k",
+                   help="subsets per step: all 7 (default) or k drawn at random")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--hidden", type=int, default=64, help="common width of all modalities")
+    t.add_argument("--layers", type=int, default=2, help="shared Transformer blocks")
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--dropout", type=float, default=0.1)
+    t.add_argument("--gmd-reduction", default="mean", choices=("mean", "sum"),
+                   help="mean: official code (default); sum: paper Eq. 9")
+    t.add_argument("--fix-nonfinite", action="store_true", help=nonfinite_help)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    t.add_argument("--device", default="auto", help=device_help)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="MMSA metrics for all 7 modality subsets")
+    e.add_argument("--checkpoint", required=True, help="best.pt or last.pt from 'sentiment train'")
+    e.add_argument("--data", required=True, help=data_help)
+    e.add_argument("--out", required=True, help="folder for metrics.json, metrics.md, metrics.png")
+    e.add_argument("--split", default="test", choices=SPLITS)
+    e.add_argument("--missing-rate-curve", action="store_true",
+                   help="also evaluate random per-sample missing modalities at rates 0.0 to 0.7")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random missing-rate draws")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--fix-nonfinite", action="store_true", help=nonfinite_help)
+    e.add_argument("--device", default="auto", help=device_help)
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("synthetic", help="write a synthetic feature file in the MMSA or MulT layout (demo, tests)")
+    s.add_argument("--out", required=True, help="pickle file to write")
+    s.add_argument("--format", default="mmsa-aligned", choices=FORMATS)
+    s.add_argument("--dataset", default="mosi", choices=("mosi", "mosei"),
+                   help="which dataset's audio/vision feature sizes to use")
+    s.add_argument("--train", type=int, default=256)
+    s.add_argument("--valid", type=int, default=64)
+    s.add_argument("--test", type=int, default=64)
+    s.add_argument("--text-dim", type=int, default=None, help="default: 768 (MMSA, BERT) or 300 (MulT, GloVe)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synthetic)
