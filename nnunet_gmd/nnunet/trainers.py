@@ -1,0 +1,273 @@
+"""nnU-Net v2 trainers for one model that segments from any subset of the input sequences.
+
+* ``nnUNetTrainerGMD``: Dynamic Sharing network, exact GMD over all 2^M - 1 modality subsets per step.
+* ``nnUNetTrainerGMD_k5``: GMD over 5 subsets sampled per step, as in the paper.
+* ``nnUNetTrainerDS``: Dynamic Sharing network on the mean of the subset losses, no decoupling (the ablation).
+* ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
+
+Every per-subset loss is nnU-Net's own loss (DC+CE or the region loss, deep-supervision weighted) on the mean of
+that subset's branch logits. Validation and the final validation use all modalities, as in nnU-Net.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_gmd.gmd import GMDStats, ds_gmd_backward, ds_subset_losses
+from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.nnunet.baselines import apply_budget_from_env
+from nnunet_gmd.nnunet.network import ds_unet_from_plans
+from nnunet_gmd.nnunet.progress import plot_gmd_progress
+from nnunet_gmd.subsets import SubsetSampler
+
+CONFLICTS_KEY = "gmd_conflicting_pairs"
+GRAD_NORMS_KEY = "gmd_modality_grad_norms"
+
+
+class nnUNetTrainerDS(nnUNetTrainer):
+    """Dynamic Sharing network trained on the mean of the per-subset losses (no gradient decoupling)."""
+
+    width_factor: float = 0.5  # four half-width branches cost about one stock network
+    subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
+    include_full_set: bool = False  # always put the full set in a sampled draw
+    budget: dict = {}  # trainer attributes (num_epochs, ...) set before the NNUNET_GMD_* environment overrides
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for attribute, value in self.budget.items():
+            setattr(self, attribute, value)
+        apply_budget_from_env(self)
+        self.subset_sampler: Optional[SubsetSampler] = None
+        self.modality_names = [str(n) for _, n in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
+
+    # ------------------------------------------------------------------ network
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """The DS network from the plans alone (the stock predictor calls this with deep supervision off)."""
+        if configuration_manager.previous_stage_name is not None:
+            raise ValueError("cascade configurations feed segmentations as extra input channels, which are not "
+                             "modalities; train the DS/GMD trainers on a full-resolution or 2d configuration")
+        return ds_unet_from_plans(configuration_manager.network_arch_class_name,
+                                  configuration_manager.network_arch_init_kwargs, num_input_channels,
+                                  num_output_channels, enable_deep_supervision, cls.width_factor)
+
+    def initialize(self):
+        if not self.was_initialized:
+            super().initialize()
+            self.subset_sampler = SubsetSampler(self.num_input_channels, self.subsets_per_step, self.include_full_set,
+                                                seed=1234 + self.fold)
+
+    def _do_i_compile(self) -> bool:
+        # GMD takes per-subset gradients with torch.autograd.grad through the branch graphs, outside the
+        # compiled forward, so compiling would only cost compile time.
+        if self.device.type == "cuda" and os.environ.get("nnUNet_compile", "true").lower() in ("true", "1", "t"):
+            self.print_to_log_file("INFO: torch.compile disabled for this trainer: the per-subset gradients are "
+                                   "taken with torch.autograd.grad through the branch graphs, outside forward()")
+        return False
+
+    def _ds_network(self) -> DSUNet:
+        net = self.network.module if self.is_ddp else self.network
+        return net._orig_mod if isinstance(net, OptimizedModule) else net
+
+    # ------------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict:
+        return {"subset_sampler": self.subset_sampler.state_dict() if self.subset_sampler else None}
+
+    def _load_extra_state(self, state: dict) -> None:
+        if state.get("subset_sampler") and self.subset_sampler is not None:
+            self.subset_sampler.load_state_dict(state["subset_sampler"])
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus the subset-sampling state, written atomically (temp file, then rename)."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self._ds_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "nnunet_gmd_state": self._extra_state(),
+        }
+        tmp = f"{filename}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            extra = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False).get("nnunet_gmd_state")
+            if extra:
+                self._load_extra_state(extra)
+
+    # ------------------------------------------------------------------ training step
+    def _batch_to_device(self, batch: dict):
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        return data, target
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _optimizer_step(self) -> None:
+        """Clip at 12 after the merge, through the GradScaler on CUDA."""
+        params = self.network.parameters()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.optimizer.step()
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._batch_to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        net = self._ds_network()
+        with self._autocast():
+            losses = ds_subset_losses(net, data, self.subset_sampler.sample(), lambda out, _: self.loss(out, target))
+            loss = torch.stack(losses).mean()
+        scaled = self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss
+        if self.is_ddp:  # the forward bypassed DDP's wrapper, so average the gradient ourselves, once
+            _backward_and_all_reduce(scaled, list(net.parameters()))
+        else:
+            scaled.backward()
+        self._optimizer_step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+
+def _backward_and_all_reduce(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+class nnUNetTrainerGMD(nnUNetTrainerDS):
+    """Dynamic Sharing network with Gradient-Guided Modality Decoupling over all modality subsets."""
+
+    gmd_reduction: str = "mean"  # official code; "sum" is the paper's Eq. 9
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.gmd_generator = torch.Generator().manual_seed(4321 + fold)
+        registry = self.logger.local_logger.my_fantastic_logging
+        registry.setdefault(CONFLICTS_KEY, [])
+        registry.setdefault(GRAD_NORMS_KEY, [])
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._batch_to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.grad_scaler
+
+        def subset_loss(output, _subset):
+            loss = self.loss(output, target)
+            return scaler.scale(loss) if scaler is not None else loss
+
+        with self._autocast():
+            stats = ds_gmd_backward(self._ds_network(), data, self.subset_sampler.sample(), subset_loss,
+                                    reduction=self.gmd_reduction, generator=self.gmd_generator)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        self._optimizer_step()
+        return {"loss": float(stats.losses.mean()) / scale, "conflicts": stats.num_conflicts,
+                "modality_grad_norms": self._modality_grad_norms(stats) / scale}
+
+    def _modality_grad_norms(self, stats: GMDStats) -> np.ndarray:
+        """Norm of each unimodal subset's gradient (NaN when that subset was not drawn this step)."""
+        norms = np.full(self.num_input_channels, np.nan)
+        for subset, norm in zip(stats.subsets, stats.grad_norms.tolist()):
+            if len(subset) == 1:
+                norms[subset[0]] = norm
+        return norms
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end([{"loss": np.asarray(o["loss"])} for o in train_outputs])
+        conflicts = np.array([o["conflicts"] for o in train_outputs], dtype=float)
+        norms = np.stack([o["modality_grad_norms"] for o in train_outputs])
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (conflicts, norms))
+            conflicts = np.concatenate([g[0] for g in gathered])
+            norms = np.concatenate([g[1] for g in gathered])
+        with np.errstate(all="ignore"):
+            mean_norms = [float(v) for v in np.nanmean(norms, axis=0)] if len(norms) else []
+        self.logger.log(CONFLICTS_KEY, float(conflicts.mean()), self.current_epoch)
+        self.logger.log(GRAD_NORMS_KEY, mean_norms, self.current_epoch)
+        self.print_to_log_file(f"GMD: {conflicts.mean():.2f} conflicting subset pairs per step; unimodal gradient "
+                               "norms " + ", ".join(f"{n}={v:.3g}" for n, v in zip(self.modality_names, mean_norms)))
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "gmd_generator": self.gmd_generator.get_state()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        super()._load_extra_state(state)
+        if state.get("gmd_generator") is not None:
+            self.gmd_generator.set_state(state["gmd_generator"])
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            plot_gmd_progress(self.logger.get_value(CONFLICTS_KEY, step=None),
+                              self.logger.get_value(GRAD_NORMS_KEY, step=None), self.modality_names,
+                              os.path.join(self.output_folder, "gmd_progress.png"))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        registry = self.logger.local_logger.my_fantastic_logging
+        for key, empty in ((CONFLICTS_KEY, np.nan), (GRAD_NORMS_KEY, [])):  # checkpoints from other trainers
+            registry.setdefault(key, [empty] * self.current_epoch)
+
+
+class nnUNetTrainerGMD_k5(nnUNetTrainerGMD):
+    """GMD over 5 subsets drawn per step, as in the paper."""
+
+    subsets_per_step = 5
+
+
+# ---------------------------------------------------------------------------- smoke variants
+_SMOKE_BUDGET = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}
+
+
+class nnUNetTrainerDS_smoke(nnUNetTrainerDS):
+    budget = _SMOKE_BUDGET
+
+
+class nnUNetTrainerGMD_smoke(nnUNetTrainerGMD):
+    budget = _SMOKE_BUDGET
+
+
+class nnUNetTrainerGMD_k5_smoke(nnUNetTrainerGMD_k5):
+    budget = _SMOKE_BUDGET
+
+
+__all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNetTrainerDS_smoke",
+           "nnUNetTrainerGMD_smoke", "nnUNetTrainerGMD_k5_smoke"]
