@@ -1,9 +1,24 @@
-"""``nnunet-gmd`` sub-commands of the nnU-Net integration."""
+"""``nnunet-gmd`` sub-commands of the nnU-Net integration.
+
+The heavy modules (torch, nnU-Net) are imported inside each command, so ``nnunet-gmd --help`` stays fast.
+Options that ``nnUNetv2_predict`` has keep its spelling (``-step_size``, ``-npp``, ``-device``, ...).
+"""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from nnunet_gmd.nnunet import ext_trainer_path
+
+DEFAULT_TRAINER = "nnUNetTrainerGMD"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
 
 
 def _ext_path(args: argparse.Namespace) -> int:
@@ -11,7 +26,170 @@ def _ext_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fold(value: str) -> int | str:
+    return value if value == "all" else int(value)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
+    p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", dest="trainer", default=DEFAULT_TRAINER,
+                   help=f"trainer the model was trained with (default {DEFAULT_TRAINER}; any trainer works, "
+                        "stock nnUNetTrainer included)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file name (default checkpoint_final.pth)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch "
+                                                                "(default 0.5, as nnU-Net)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)")
+    p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
+                   help="preprocessing processes (default 3); -npp 0 -nps 0 runs without worker processes")
+    p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3), help="export processes (default 3)")
+    p.add_argument("-device", default=None, choices=("cuda", "cpu", "mps"),
+                   help="default: cuda when available, else cpu")
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def _predict(args: argparse.Namespace) -> int:
+    from nnunet_gmd.cli import UserError
+    from nnunet_gmd.nnunet.predict import (channel_names, ds_network, find_cases, load_predictor, model_folder,
+                                           predict_cases)
+    from nnunet_gmd.subsets import parse_subset, subset_name
+
+    folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
+    predictor = load_predictor(folder, args.folds, args.checkpoint, _device(args), args.step_size,
+                               not args.disable_tta, verbose=args.verbose,
+                               allow_tqdm=not args.disable_progress_bar)
+    names = channel_names(predictor.dataset_json)
+    forced = None
+    if args.available:
+        try:
+            forced = parse_subset(args.available, names)
+        except ValueError as e:
+            raise UserError(f"--available: {e}") from None
+    cases = find_cases(Path(args.i), predictor.dataset_json["file_ending"], names)
+    used = predict_cases(predictor, cases, Path(args.o), forced=forced, overwrite=not args.continue_prediction,
+                         save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
+                         num_processes_segmentation_export=args.nps, progress=not args.disable_progress_bar)
+    full = tuple(range(len(names)))
+    partial = {c: s for c, s in used.items() if s != full}
+    how = "switched off" if ds_network(predictor) is not None else "zero-filled"
+    print(f"predicted {len(used)} case(s) into {args.o}; {len(partial)} with channels {how}"
+          + "".join(f"\n  {c}: {subset_name(s, names)}" for c, s in sorted(partial.items())))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _evaluate(args: argparse.Namespace) -> int:
+    from nnunet_gmd.nnunet.evaluate import evaluate_missing_modalities
+    from nnunet_gmd.nnunet.predict import load_predictor, model_folder, resolve_dataset_name
+    from nnunet_gmd.nnunet.report import to_markdown, write_report
+
+    folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
+    out_dir = Path(args.o) if args.o else folder / f"fold_{args.fold}" / "missing_modality"
+    predictor = load_predictor(folder, [args.fold], args.checkpoint, _device(args), args.step_size,
+                               not args.disable_tta, allow_tqdm=False)
+    report = evaluate_missing_modalities(
+        predictor, folder, resolve_dataset_name(args.dataset), args.configuration, args.fold, out_dir,
+        checkpoint=args.checkpoint, with_hd95=not args.no_hd95, num_processes_preprocessing=args.npp,
+        num_processes_segmentation_export=args.nps)
+    paths = write_report(report, out_dir)
+    print(to_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def _compare(args: argparse.Namespace) -> int:
+    from nnunet_gmd.cli import UserError
+    from nnunet_gmd.nnunet.report import (check_comparable, compare_table, comparison_labels, load_report,
+                                          plot_comparison, regions_of, write_text_atomic)
+
+    paths = [Path(p) for p in args.reports]
+    reports = [load_report(p) for p in paths]
+    check_comparable(reports, paths)
+    if args.labels and len(args.labels) != len(reports):
+        raise UserError(f"--labels needs one label per report ({len(reports)}), got {len(args.labels)}")
+    labels = list(args.labels) if args.labels else comparison_labels(reports, paths)
+    if args.region and args.region not in regions_of(reports[0]):
+        raise UserError(f"--region {args.region!r} is not one of {', '.join(regions_of(reports[0]))}")
+    table = compare_table(reports, labels, args.region)
+    print(table)
+    out = Path(args.o)
+    write_text_atomic(out / "missing_modality_comparison.md", table)
+    plot_comparison(reports, labels, out / "missing_modality_comparison.png")
+    print(f"wrote {out / 'missing_modality_comparison.md'}, {out / 'missing_modality_comparison.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- convert-brats
+def _convert_brats(args: argparse.Namespace) -> int:
+    from nnunet_gmd.nnunet.convert_brats import convert_brats, summary
+
+    target = convert_brats(Path(args.src), args.dataset_id, args.name,
+                           raw_root=Path(args.raw_dir) if args.raw_dir else None, overwrite=args.overwrite)
+    print(summary(target))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ext-path", help="print the folder to put in nnUNet_extTrainer "
                                         "(export nnUNet_extTrainer=$(nnunet-gmd ext-path))")
     p.set_defaults(func=_ext_path)
+
+    p = sub.add_parser(
+        "predict", help="nnUNetv2_predict for cases that lack some channel files",
+        description="Predict like nnUNetv2_predict (same input layout and output files), but a case may lack "
+                    "some CASE_XXXX channel files. A Dynamic Sharing model switches the absent branches off; "
+                    "any other model gets them zero-filled, with a warning.")
+    p.add_argument("-i", required=True, help="input folder with CASE_XXXX<file_ending> images")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-f", dest="folds", nargs="+", type=_fold, default=[0, 1, 2, 3, 4],
+                   help="folds to ensemble (default 0 1 2 3 4)")
+    p.add_argument("--available", default=None,
+                   help="predict every case from these channels only, e.g. t1ce,flair (dataset.json names)")
+    p.add_argument("--save_probabilities", action="store_true", help="also export probabilities (.npz)")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--disable_progress_bar", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser(
+        "evaluate", help="robustness report: Dice/HD95 of a fold's validation cases under every channel subset",
+        description="Predict the fold's validation cases (splits_final.json) from every non-empty subset of the "
+                    "input channels and score them with nnU-Net's evaluation. Writes "
+                    "missing_modality_report.{json,csv,md,png}. Finished subsets are reused on a re-run.")
+    p.add_argument("-f", dest="fold", type=int, default=0, help="fold whose validation cases are used (default 0)")
+    p.add_argument("-o", default=None, help="output folder (default: <model>/fold_F/missing_modality)")
+    p.add_argument("--no-hd95", action="store_true", help="Dice only (HD95 costs ~0.5 s per region and case "
+                                                           "at BraTS size)")
+    _add_model_args(p)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("compare", help="compare missing-modality reports side by side",
+                       description="Print a subsets x methods Dice table and plot the reports' heatmaps side "
+                                   "by side (missing_modality_comparison.{md,png} in -o).")
+    p.add_argument("reports", nargs="+", help="missing_modality_report.json files")
+    p.add_argument("--labels", nargs="+", default=None, help="one name per report (default: trainer names)")
+    p.add_argument("--region", default=None, help="compare one region's Dice (default: mean over regions)")
+    p.add_argument("-o", default=".", help="folder for the table and plot (default: current folder)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("convert-brats", help="BraTS folder -> nnU-Net raw dataset with BraTS regions",
+                       description="Convert <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz (or t1n/t1c/t2w/t2f) into "
+                                   "nnUNet_raw/DatasetNNN_NAME with the whole tumor / tumor core / enhancing "
+                                   "tumor regions of nnU-Net's Dataset137. Cases without seg go to imagesTs.")
+    p.add_argument("src", help="folder of BraTS case folders")
+    p.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", default="BraTS", help="dataset name (default BraTS)")
+    p.add_argument("--raw-dir", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that id and name")
+    p.set_defaults(func=_convert_brats)

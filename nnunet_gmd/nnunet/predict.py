@@ -1,0 +1,315 @@
+"""Missing-modality prediction on top of nnU-Net's own predictor.
+
+A case may lack some ``CASE_XXXX`` channel files. nnU-Net's preprocessing needs every channel file, so each
+absent channel gets a zero image with the geometry of a present one, written to a temporary folder. For a
+Dynamic Sharing network the absent branches are then switched off (``DSUNet.set_default_available``), so the
+zeros never reach the output: nothing is imputed. A network that is not DS cannot switch branches off; it sees
+the zero-filled channels and a warning says so, which puts baselines on the same footing.
+
+Cases are grouped by their available subset and the stock ``nnUNetPredictor`` runs once per group, so sliding
+window, mirroring and export are nnU-Net's. With every channel present the files handed to the predictor are
+exactly those ``nnUNetv2_predict`` would use, and the output is identical.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+from torch import nn
+from tqdm import tqdm
+
+from nnunet_gmd.cli import UserError
+from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.nnunet import ext_trainer_path
+from nnunet_gmd.nnunet.image_files import nifti_problem
+from nnunet_gmd.subsets import Subset, subset_mask, subset_name
+
+AVAILABILITY_FILE = "modality_availability.json"
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case to predict: its id and the files of the channels it has (channel index -> file)."""
+
+    case_id: str
+    files: dict[int, Path]
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def channel_names(dataset_json: dict) -> list[str]:
+    """Channel names in channel-index order (dataset.json keys are strings)."""
+    names = dataset_json["channel_names"]
+    return [names[k] for k in sorted(names, key=int)]
+
+
+def resolve_dataset_name(dataset: str) -> str:
+    """``"501"`` or ``"Dataset501_X"`` -> ``"Dataset501_X"``, with a one-line error when nnU-Net knows no such id."""
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"dataset {dataset!r}: {str(e).splitlines()[0]}") from None
+
+
+def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    """The training output folder ``nnUNetv2_predict -d -tr -p -c`` would use."""
+    if not os.environ.get("nnUNet_results"):
+        raise UserError("nnUNet_results is not set; it must point at the folder holding your trained models")
+    folder = Path(get_output_folder(resolve_dataset_name(dataset), trainer, plans, configuration))
+    if not folder.is_dir():
+        raise UserError(f"no trained model at {folder} (check -d, -tr, -p and -c)")
+    return folder
+
+
+def use_our_trainers() -> None:
+    """Let nnU-Net find our trainers without the user exporting ``nnUNet_extTrainer`` (their own paths stay)."""
+    ours = str(ext_trainer_path())
+    current = os.environ.get("nnUNet_extTrainer", "")
+    if ours not in current.split(os.pathsep):
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join(p for p in (current, ours) if p)
+
+
+def torch_device(name: str) -> torch.device:
+    """Same device set-up as ``nnUNetv2_predict``, so results match it."""
+    if name == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("-device cuda was asked for, but no CUDA GPU is available (use -device cpu)")
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+        return torch.device("cuda")
+    if name == "mps":
+        return torch.device("mps")
+    raise UserError(f"-device must be cpu, cuda or mps, got {name!r}")
+
+
+def load_predictor(folder: Path, folds: Sequence[int | str], checkpoint: str = "checkpoint_final.pth",
+                   device: str = "cuda", step_size: float = 0.5, use_mirroring: bool = True,
+                   verbose: bool = False, allow_tqdm: bool = True) -> nnUNetPredictor:
+    """A stock ``nnUNetPredictor`` for a trained model folder, with a clear error for missing folds."""
+    for f in folds:
+        ckpt = folder / f"fold_{f}" / checkpoint
+        if not ckpt.is_file():
+            have = sorted(p.parent.name for p in folder.glob(f"fold_*/{checkpoint}"))
+            raise UserError(f"no {checkpoint} for fold {f} in {folder} (present: {', '.join(have) or 'none'})")
+    if not 0 < step_size <= 1:
+        raise UserError(f"-step_size must be in (0, 1], got {step_size}")
+    use_our_trainers()
+    predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=True, device=torch_device(device), verbose=verbose,
+                                verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
+    try:
+        predictor.initialize_from_trained_model_folder(str(folder), list(folds), checkpoint_name=checkpoint)
+    except RuntimeError as e:
+        raise UserError(f"cannot load the model in {folder}: {str(e).splitlines()[0]}") from None
+    return predictor
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The bare network under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+            network = network.module
+        elif hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def ds_network(predictor: nnUNetPredictor) -> Optional[DSUNet]:
+    """The predictor's network if it is a Dynamic Sharing network (it can switch branches off), else None."""
+    net = unwrap(predictor.network)
+    return net if isinstance(net, DSUNet) else None
+
+
+# ---------------------------------------------------------------------------------------------- input discovery
+def find_cases(input_dir: Path, file_ending: str, names: Sequence[str]) -> list[CaseFiles]:
+    """Cases of an ``nnUNetv2_predict`` input folder; absent channels are allowed, unknown ones are not."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise UserError(f"input folder {input_dir} does not exist")
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(file_ending) + r"$")
+    cases: dict[str, dict[int, Path]] = {}
+    for f in sorted(input_dir.iterdir()):
+        if not f.name.endswith(file_ending) or f.name.startswith(".") or not f.is_file():
+            continue
+        m = pattern.match(f.name)
+        if not m:
+            raise UserError(f"{f.name} in {input_dir}: image files must be named CASE_XXXX{file_ending}, "
+                            f"XXXX being the channel index")
+        channel = int(m.group("channel"))
+        if channel >= len(names):
+            known = ", ".join(f"{i:04d}={n}" for i, n in enumerate(names))
+            raise UserError(f"case {m.group('case')}: {f.name} is channel {channel}, but the model has only "
+                            f"{len(names)} channels ({known})")
+        cases.setdefault(m.group("case"), {})[channel] = f
+    if not cases:
+        raise UserError(f"no CASE_XXXX{file_ending} images in {input_dir}")
+    return [CaseFiles(case_id, files) for case_id, files in sorted(cases.items())]
+
+
+def resolve_available(case: CaseFiles, names: Sequence[str], forced: Optional[Subset] = None) -> Subset:
+    """The channels a case is predicted from: the present ones, or the forced subset (which must be present)."""
+    if forced is None:
+        subset = tuple(sorted(case.files))
+    else:
+        absent = [names[c] for c in forced if c not in case.files]
+        if absent:
+            raise UserError(f"case {case.case_id}: --available asks for {', '.join(absent)}, but "
+                            + ", ".join(f"{case.case_id}_{c:04d}" for c in forced if c not in case.files)
+                            + " is not there")
+        subset = tuple(sorted(forced))
+    if not subset:
+        raise UserError(f"case {case.case_id}: no channel at all (expected files {case.case_id}_XXXX for "
+                        f"{', '.join(f'{i:04d}={n}' for i, n in enumerate(names))})")
+    return subset
+
+
+def _short(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def check_case(case: CaseFiles, reader: BaseReaderWriter) -> tuple[tuple[int, ...], dict]:
+    """Read every channel file of a case with the dataset's reader; same shape and spacing, finite values.
+
+    Returns the array shape and the reader properties of the first channel: the geometry that zero images of
+    absent channels get.
+    """
+    ref: Optional[tuple[Path, tuple[int, ...], dict]] = None
+    for channel, f in sorted(case.files.items()):
+        try:
+            data, props = reader.read_images([str(f)])
+        except Exception as e:  # readers raise anything from RuntimeError to EOFError on broken files
+            raise UserError(f"case {case.case_id}: cannot read {f.name} ({_short(e)})") from None
+        problem = nifti_problem(f)
+        if problem:
+            raise UserError(f"case {case.case_id}: cannot read {f.name} ({problem})")
+        if data.shape[0] != 1:
+            raise UserError(f"case {case.case_id}: {f.name} holds {data.shape[0]} channels; "
+                            f"one file per channel is expected")
+        if not np.isfinite(data).all():
+            raise UserError(f"case {case.case_id}: {f.name} contains NaN or infinite values")
+        shape = tuple(data.shape[1:])
+        if ref is None:
+            ref = (f, shape, props)
+            continue
+        ref_file, ref_shape, ref_props = ref
+        if shape != ref_shape:
+            raise UserError(f"case {case.case_id}: {f.name} has shape {shape}, but {ref_file.name} has {ref_shape}")
+        if not np.allclose(props["spacing"], ref_props["spacing"]):
+            raise UserError(f"case {case.case_id}: {f.name} has spacing {tuple(props['spacing'])}, but "
+                            f"{ref_file.name} has {tuple(ref_props['spacing'])}")
+    assert ref is not None
+    return ref[1], ref[2]
+
+
+def write_json_atomic(path: Path, content: object) -> None:
+    """Write JSON through a temporary file and ``os.replace``, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(content, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output_dir: Path,
+                  forced: Optional[Subset] = None, overwrite: bool = True, save_probabilities: bool = False,
+                  num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
+                  warn_zero_fill: bool = True, progress: bool = True) -> dict[str, Subset]:
+    """Predict ``cases`` into ``output_dir`` with their absent channels switched off (or zero-filled).
+
+    ``forced`` predicts every case from that subset only, as if the other files were absent. Returns the subset
+    each case was predicted from. With both process counts 0 nnU-Net's sequential predictor is used (no worker
+    processes), like ``nnUNetv2_predict -npp 0 -nps 0``.
+    """
+    dataset_json = predictor.dataset_json
+    names = channel_names(dataset_json)
+    num_channels = len(names)
+    full = tuple(range(num_channels))
+    ending = dataset_json["file_ending"]
+    output_dir = Path(output_dir)
+    cases = list(cases)
+    if forced is not None and any(c >= num_channels for c in forced):
+        raise UserError(f"--available names a channel the model does not have (channels: {', '.join(names)})")
+
+    available = {case.case_id: resolve_available(case, names, forced) for case in cases}
+    if not overwrite:
+        def done(case_id: str) -> bool:
+            return (output_dir / f"{case_id}{ending}").is_file() and \
+                (not save_probabilities or (output_dir / f"{case_id}.npz").is_file())
+        cases = [c for c in cases if not done(c.case_id)]
+
+    reader = predictor.plans_manager.image_reader_writer_class()
+    ds = ds_network(predictor)
+    groups: dict[Subset, list[tuple[list[str], str]]] = {}
+    with tempfile.TemporaryDirectory(prefix="nnunet_gmd_absent_") as tmp:
+        for case in tqdm(cases, desc="checking inputs", unit="case", disable=not (progress and cases)):
+            shape, props = check_case(case, reader)
+            subset = available[case.case_id]
+            files = []
+            for channel in range(num_channels):
+                if channel in subset:
+                    files.append(str(case.files[channel]))
+                else:
+                    zero = Path(tmp) / f"{case.case_id}_{channel:04d}{ending}"
+                    reader.write_seg(np.zeros(shape, dtype=np.uint8), str(zero), props)
+                    files.append(str(zero))
+            groups.setdefault(subset, []).append((files, str(output_dir / case.case_id)))
+
+        partial = [s for s in groups if s != full]
+        if ds is None and partial and warn_zero_fill:
+            n = sum(len(groups[s]) for s in partial)
+            warnings.warn(f"{predictor.trainer_name} does not use a Dynamic Sharing network and cannot switch "
+                          f"branches off: the absent channels of {n} case(s) are zero-filled", UserWarning,
+                          stacklevel=2)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for subset in sorted(groups, key=lambda s: (-len(s), s)):
+                lists, outputs = map(list, zip(*groups[subset]))
+                if ds is not None:
+                    ds.set_default_available(None if subset == full else subset_mask(subset, num_channels))
+                if num_processes_preprocessing == 0 and num_processes_segmentation_export == 0:
+                    predictor.predict_from_files_sequential(lists, outputs, save_probabilities=save_probabilities,
+                                                            overwrite=True)
+                else:
+                    predictor.predict_from_files(
+                        lists, outputs, save_probabilities=save_probabilities, overwrite=True,
+                        num_processes_preprocessing=max(1, num_processes_preprocessing),
+                        num_processes_segmentation_export=max(1, num_processes_segmentation_export))
+        finally:
+            if ds is not None:
+                ds.set_default_available(None)
+
+    record_path = output_dir / AVAILABILITY_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() and not overwrite else {}
+    record.update({
+        "trainer": predictor.trainer_name,
+        "absent_channels": "switched off (Dynamic Sharing)" if ds is not None else "zero-filled (not a DS network)",
+    })
+    record.setdefault("cases", {}).update(
+        {case_id: subset_name(subset, names, sep=",").split(",") for case_id, subset in available.items()})
+    write_json_atomic(record_path, record)
+    return available

@@ -1,0 +1,222 @@
+"""``nnunet-gmd predict``: absent channels are switched off for DS networks, zero-filled otherwise; bad input fails
+with one clear line. Models here are untrained (seeded random weights), which is enough to compare outputs
+voxel by voxel; the end-to-end test with a trained GMD model lives in test_nnunet_e2e.py.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_gmd.cli import UserError, main
+from nnunet_helpers import (DATASET_ID, CONFIG, make_input_folder, nnunet_paths, run_tool,  # noqa: F401
+                            test_ds_trainer_name, tiny_nnunet, write_untrained_model)
+
+STOCK = "nnUNetTrainer"
+CASES = ["Phantom_000", "Phantom_001"]
+FAST = ["-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"]
+
+
+def _predict_args(inp: Path, out: Path, trainer: str, *extra: str) -> list[str]:
+    return ["predict", "-i", str(inp), "-o", str(out), "-d", str(DATASET_ID), "-c", CONFIG, "-f", "0",
+            "-tr", trainer, "--save_probabilities", *FAST, *extra]
+
+
+def _probs(folder: Path, case: str) -> np.ndarray:
+    return np.load(folder / f"{case}.npz")["probabilities"]
+
+
+def _seg(folder: Path, case: str) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}.nii.gz")))
+
+
+def _nnunet_predictor(folder: Path):
+    """nnU-Net's own predictor on the same model, for reference outputs."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), [0])
+    return predictor
+
+
+@pytest.fixture
+def ds_model(nnunet_paths):
+    return write_untrained_model(nnunet_paths, test_ds_trainer_name())
+
+
+@pytest.fixture
+def stock_model(nnunet_paths):
+    return write_untrained_model(nnunet_paths, STOCK)
+
+
+def test_all_channels_equal_nnunetv2_predict(nnunet_paths, ds_model, tmp_path):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES)
+    run_tool(["nnUNetv2_predict", "-i", str(inp), "-o", str(tmp_path / "ref"), "-d", str(DATASET_ID), "-c", CONFIG,
+              "-f", "0", "-tr", test_ds_trainer_name(), "-device", "cpu", "-npp", "0", "-nps", "0",
+              "--save_probabilities"], nnunet_paths.env(), timeout=300)
+    assert main(_predict_args(inp, tmp_path / "ours", test_ds_trainer_name())) == 0
+    for case in CASES:
+        np.testing.assert_array_equal(_seg(tmp_path / "ours", case), _seg(tmp_path / "ref", case))
+        np.testing.assert_array_equal(_probs(tmp_path / "ours", case), _probs(tmp_path / "ref", case))
+        ref_img = sitk.ReadImage(str(tmp_path / "ref" / f"{case}.nii.gz"))
+        our_img = sitk.ReadImage(str(tmp_path / "ours" / f"{case}.nii.gz"))
+        assert our_img.GetSpacing() == ref_img.GetSpacing() and our_img.GetOrigin() == ref_img.GetOrigin()
+    produced = {p.name for p in (tmp_path / "ours").iterdir()}
+    assert {p.name for p in (tmp_path / "ref").iterdir()} <= produced  # same files, plus the availability record
+
+
+def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
+    """An absent FLAIR is a switched-off branch: not the zero-filled branch, and its values cannot matter."""
+    import torch
+
+    case = CASES[0]
+    make_input_folder(nnunet_paths, tmp_path / "missing", [case], drop=[3])
+    assert main(_predict_args(tmp_path / "missing", tmp_path / "ours", test_ds_trainer_name())) == 0
+    ours = _probs(tmp_path / "ours", case)
+
+    # Reference 1: nnU-Net's predictor with FLAIR replaced by arbitrary values inside the head and the DS
+    # branch switched off by hand. Equal -> the branch is off and its content never reaches the output.
+    full = make_input_folder(nnunet_paths, tmp_path / "full", [case])
+    t1 = sitk.ReadImage(str(full / f"{case}_0000.nii.gz"))
+    head = sitk.GetArrayFromImage(t1) != 0
+    noise = np.where(head, np.random.default_rng(0).normal(5, 3, head.shape), 0).astype(np.float32)
+    junk = sitk.GetImageFromArray(noise)
+    junk.CopyInformation(t1)
+    sitk.WriteImage(junk, str(full / f"{case}_0003.nii.gz"))
+    predictor = _nnunet_predictor(ds_model)
+    predictor.network.set_default_available(torch.tensor([True, True, True, False]))
+    files = [[str(full / f"{case}_{c:04d}.nii.gz") for c in range(4)]]
+    (tmp_path / "ref_off").mkdir()
+    predictor.predict_from_files_sequential(files, [str(tmp_path / "ref_off" / case)], save_probabilities=True)
+    np.testing.assert_array_equal(ours, _probs(tmp_path / "ref_off", case))
+
+    # Reference 2: the same zeros fed through all four branches (what zero-filling would do) give other logits.
+    zeros = sitk.GetImageFromArray(np.zeros(head.shape, np.float32))
+    zeros.CopyInformation(t1)
+    sitk.WriteImage(zeros, str(full / f"{case}_0003.nii.gz"))
+    predictor.network.set_default_available(None)
+    (tmp_path / "ref_zero").mkdir()
+    predictor.predict_from_files_sequential(files, [str(tmp_path / "ref_zero" / case)], save_probabilities=True)
+    assert np.abs(ours - _probs(tmp_path / "ref_zero", case)).max() > 1e-3
+
+    # And the forced subset on complete input is the same as the absent file.
+    make_input_folder(nnunet_paths, tmp_path / "complete", [case])
+    assert main(_predict_args(tmp_path / "complete", tmp_path / "forced", test_ds_trainer_name(),
+                              "--available", "T1,t1ce,t2")) == 0
+    np.testing.assert_array_equal(ours, _probs(tmp_path / "forced", case))
+    record = (tmp_path / "ours" / "modality_availability.json").read_text()
+    assert '"t1ce"' in record and '"flair"' not in record
+
+
+def test_stock_model_gets_zero_filled_channels_and_a_warning(nnunet_paths, stock_model, tmp_path):
+    from nnunet_gmd.nnunet.predict import find_cases, load_predictor, predict_cases
+
+    case = CASES[1]
+    make_input_folder(nnunet_paths, tmp_path / "missing", [case], drop=[0, 2])
+    predictor = load_predictor(stock_model, [0], device="cpu", allow_tqdm=False)
+    cases = find_cases(tmp_path / "missing", ".nii.gz", ["t1", "t1ce", "t2", "flair"])
+    with pytest.warns(UserWarning, match="zero-filled"):
+        used = predict_cases(predictor, cases, tmp_path / "ours", save_probabilities=True,
+                             num_processes_preprocessing=0, num_processes_segmentation_export=0)
+    assert used == {case: (1, 3)}
+
+    full = make_input_folder(nnunet_paths, tmp_path / "zf", [case])
+    t1 = sitk.ReadImage(str(full / f"{case}_0000.nii.gz"))
+    zeros = sitk.GetImageFromArray(np.zeros(sitk.GetArrayFromImage(t1).shape, np.float32))
+    zeros.CopyInformation(t1)
+    for c in (0, 2):
+        sitk.WriteImage(zeros, str(full / f"{case}_{c:04d}.nii.gz"))
+    reference = _nnunet_predictor(stock_model)
+    (tmp_path / "ref").mkdir()
+    reference.predict_from_files_sequential([[str(full / f"{case}_{c:04d}.nii.gz") for c in range(4)]],
+                                            [str(tmp_path / "ref" / case)], save_probabilities=True)
+    np.testing.assert_array_equal(_probs(tmp_path / "ours", case), _probs(tmp_path / "ref", case))
+
+
+def test_continue_prediction_skips_finished_cases(nnunet_paths, stock_model, tmp_path):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    out = tmp_path / "out"
+    assert main(_predict_args(inp, out, STOCK)) == 0
+    first = (out / f"{CASES[0]}.nii.gz").stat().st_mtime_ns
+    assert main(_predict_args(inp, out, STOCK, "--continue_prediction")) == 0
+    assert (out / f"{CASES[0]}.nii.gz").stat().st_mtime_ns == first
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _expect_error(capsys, args: list[str], *fragments: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+
+
+def test_unknown_channel_is_rejected(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    shutil.copy(inp / f"{CASES[0]}_0000.nii.gz", inp / f"{CASES[0]}_0004.nii.gz")
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK), CASES[0], f"{CASES[0]}_0004.nii.gz",
+                  "channel 4")
+
+
+def test_badly_named_file_is_rejected(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    shutil.copy(inp / f"{CASES[0]}_0000.nii.gz", inp / "scan.nii.gz")
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK), "scan.nii.gz", "CASE_XXXX")
+
+
+def test_wrong_shape_between_channels_is_rejected(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    f = inp / f"{CASES[0]}_0002.nii.gz"
+    img = sitk.ReadImage(str(f))
+    sitk.WriteImage(img[:, :, :30], str(f))
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK), CASES[0], f.name, "shape")
+
+
+def test_wrong_spacing_between_channels_is_rejected(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    f = inp / f"{CASES[0]}_0001.nii.gz"
+    img = sitk.ReadImage(str(f))
+    img.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(img, str(f))
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK), CASES[0], f.name, "spacing")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_file_is_rejected(nnunet_paths, stock_model, tmp_path, capsys, damage):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    f = inp / f"{CASES[0]}_0003.nii.gz"
+    if damage == "garbage":
+        f.write_bytes(b"this is not an image" * 50)
+    else:
+        data = f.read_bytes()  # SimpleITK would read this silently, zero-filling the lost half
+        f.write_bytes(data[: len(data) // 2])
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK), CASES[0], f.name, "cannot read",
+                  *(["truncated"] if damage == "truncated" else []))
+    assert not (tmp_path / "o" / f"{CASES[0]}.nii.gz").exists()
+
+
+def test_available_names_are_checked(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1], drop=[3])
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK, "--available", "t1,pd"), "unknown modality",
+                  "'pd'")
+    _expect_error(capsys, _predict_args(inp, tmp_path / "o", STOCK, "--available", "t1ce,flair"), CASES[0],
+                  "flair", f"{CASES[0]}_0003")
+
+
+def test_empty_input_and_unknown_model_are_one_line_errors(nnunet_paths, stock_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _expect_error(capsys, _predict_args(tmp_path / "empty", tmp_path / "o", STOCK), "no CASE_XXXX.nii.gz images")
+    _expect_error(capsys, _predict_args(tmp_path / "empty", tmp_path / "o", "nnUNetTrainerNeverTrained"),
+                  "no trained model")
+
+
+def test_case_without_any_channel_is_rejected():
+    from nnunet_gmd.nnunet.predict import CaseFiles, resolve_available
+
+    with pytest.raises(UserError, match="case lonely: no channel at all"):
+        resolve_available(CaseFiles("lonely", {}), ["t1", "t1ce", "t2", "flair"])
