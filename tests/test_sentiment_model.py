@@ -10,6 +10,7 @@ from nnunet_gmd.gmd import gmd_backward
 from nnunet_gmd.sentiment.evaluate import SUBSETS
 from nnunet_gmd.sentiment.model import DSSentimentModel, ModelConfig, SequenceBatch
 from nnunet_gmd.subsets import subset_mask
+from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
 
 
 def _model() -> DSSentimentModel:

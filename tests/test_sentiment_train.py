@@ -15,19 +15,12 @@ from nnunet_gmd.sentiment.evaluate import evaluate_subsets
 from nnunet_gmd.sentiment.metrics import METRIC_NAMES
 from nnunet_gmd.sentiment.synthetic import write_synthetic
 from nnunet_gmd.sentiment.train import TrainConfig, TrainingError, train
+from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
 
 SUBSET_NAMES = ["L", "A", "V", "LA", "LV", "AV", "LAV"]
 TINY_MODEL = ["--hidden", "16", "--layers", "1", "--heads", "2", "--device", "cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy cores are shared by several test runs; one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_gmd_training_learns_the_synthetic_label(tmp_path):
@@ -82,6 +75,9 @@ def test_other_trainers_run_and_select_on_their_subsets(tmp_path, method):
     result = train(data, TrainConfig(dataset="mosei", method=method, epochs=1, hidden=16, layers=1, heads=2),
                    tmp_path / "run", progress=False)
     expected = ["LAV"] if method == "full" else SUBSET_NAMES
+    if method == "full":
+        with pytest.raises(TrainingError, match="--subsets applies to --method gmd and ds"):
+            TrainConfig(dataset="mosi", method="full", subsets_per_step=3)
     assert list(result.history[0]["valid_mae"]) == expected
     assert result.checkpoint.is_file()
 

@@ -30,9 +30,13 @@ def _user_errors() -> Iterator[None]:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested, but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device torch knows (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was requested, but no CUDA device is available")
+    return device
 
 
 def _subsets_per_step(text: str) -> int | None:
@@ -56,6 +60,7 @@ def _load(path: str, fix_nonfinite: bool) -> SentimentData:
 def cmd_train(args: argparse.Namespace) -> int:
     from nnunet_gmd.sentiment.train import TrainConfig, train
 
+    device = _device(args.device)
     data = _load(args.data, args.fix_nonfinite)
     hint = dataset_mismatch_hint(data, args.dataset)
     if hint:
@@ -65,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, gmd_reduction=args.gmd_reduction, hidden=args.hidden,
                              layers=args.layers, heads=args.heads, dropout=args.dropout)
-        result = train(data, config, args.out, resume=args.resume, device=_device(args.device))
+        result = train(data, config, args.out, resume=args.resume, device=device)
     if not result.history:
         print("nothing to train: the run already has all requested epochs")
     print(f"best epoch {result.best_epoch} (valid MAE {result.best_score:.4f}); checkpoint: {result.checkpoint}")
@@ -77,6 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nnunet_gmd.sentiment.checkpoint import load_checkpoint, model_from_checkpoint
     from nnunet_gmd.sentiment.evaluate import evaluate_subsets, missing_rate_curve, write_reports
 
+    device = _device(args.device)
     with _user_errors():
         state = load_checkpoint(args.checkpoint)
     data = _load(args.data, args.fix_nonfinite)
@@ -85,7 +91,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if trained != have:
         raise UserError(f"{args.data}: feature sizes {have} ({', '.join(MODALITIES)}) do not match the "
                         f"checkpoint's {trained} ({args.checkpoint})")
-    device = _device(args.device)
     model = model_from_checkpoint(state).to(device)
     tensors = SplitTensors(data.splits[args.split])
     metrics = evaluate_subsets(model, tensors, batch_size=args.batch_size, device=device)

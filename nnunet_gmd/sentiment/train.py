@@ -68,6 +68,8 @@ class TrainConfig:
         if self.subsets_per_step is not None and not 1 <= self.subsets_per_step <= len(SUBSETS):
             raise TrainingError(f"--subsets must be 'all' or an integer in [1, {len(SUBSETS)}], "
                                 f"got {self.subsets_per_step}")
+        if self.method == "full" and self.subsets_per_step is not None:
+            raise TrainingError("--subsets applies to --method gmd and ds; 'full' always trains on all modalities")
         if self.gmd_reduction not in REDUCTIONS:
             raise TrainingError(f"gmd reduction must be one of {REDUCTIONS}, got {self.gmd_reduction!r}")
         for name in ("epochs", "batch_size", "hidden", "layers", "heads"):
