@@ -25,6 +25,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -153,7 +154,7 @@ def _save_nifti(array: np.ndarray, path: Path) -> None:
 
 
 def write_brats_like_cases(out_dir: str | os.PathLike, n_cases: int, shape: Sequence[int] = (32, 32, 32),
-                           seed: int = 0) -> list[Path]:
+                           seed: int = 0, progress: bool = False) -> list[Path]:
     """Write ``n_cases`` phantoms as BraTS case folders ``Phantom_000 ...`` and return their paths.
 
     Case ``i`` depends only on ``(seed, i, shape)``, so asking for more cases later keeps the first ones
@@ -165,7 +166,7 @@ def write_brats_like_cases(out_dir: str | os.PathLike, n_cases: int, shape: Sequ
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = []
-    for i in range(n_cases):
+    for i in tqdm(range(n_cases), desc="generating phantoms", unit="case", disable=not progress):
         name = f"Phantom_{i:03d}"
         phantom = make_phantom(shape, np.random.default_rng([seed, i]))
         tmp = out / f".{name}.partial"

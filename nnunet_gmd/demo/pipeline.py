@@ -1,0 +1,100 @@
+"""The shared back half of the demo and the benchmark: train each method, evaluate it under all subsets, compare.
+
+Training is ``nnUNetv2_train`` with each method's trainer class under one :class:`~nnunet_gmd.demo.presets.Budget`;
+evaluation is ``nnunet-gmd evaluate`` on fold 0, whose validation split is the test set (see
+:func:`nnunet_gmd.demo.planning.write_split`); the side-by-side heatmaps come from ``nnunet-gmd compare``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from nnunet_gmd.cli import UserError
+from nnunet_gmd.demo.presets import Preset
+from nnunet_gmd.demo.tools import nnunet_gmd_command, run_tool, tool
+from nnunet_gmd.demo.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str        # what users type (--methods)
+    trainer: str    # nnU-Net trainer class
+    label: str      # column name in tables and plots
+
+
+METHODS: dict[str, Method] = {m.key: m for m in (
+    Method("stock", "nnUNetTrainerBudget", "nnUNet (zero-fill)"),
+    Method("dropout", "nnUNetTrainerModalityDropout", "ModalityDropout"),
+    Method("ds", "nnUNetTrainerDS", "DS"),
+    Method("gmd", "nnUNetTrainerGMD", "GMD"),
+    Method("gmd_k5", "nnUNetTrainerGMD_k5", "GMD k=5"),
+)}
+
+
+def parse_methods(keys: Sequence[str]) -> list[Method]:
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if len(set(keys)) != len(keys):
+        raise UserError(f"a method is listed twice: {' '.join(keys)}")
+    return [METHODS[k] for k in keys]
+
+
+def report_path(ws: Workspace, method: Method) -> Path:
+    return ws.reports / method.key / "missing_modality_report.json"
+
+
+def _training_env(ws: Workspace, preset: Preset) -> dict[str, str]:
+    extra = preset.budget.env()
+    if preset.cpu_friendly:
+        # One augmentation worker and one export worker: more only adds process start-up on 2 cores.
+        extra.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"})
+    return ws.env(extra)
+
+
+def train(ws: Workspace, dataset_id: int, preset: Preset, method: Method, device: str) -> None:
+    """``nnUNetv2_train`` fold 0; ``--c`` resumes an interrupted run from its latest checkpoint."""
+    command = [tool("nnUNetv2_train"), str(dataset_id), preset.configuration, "0", "-tr", method.trainer,
+               "-p", preset.plans_name, "-device", device, "--c"]
+    run_tool(command, _training_env(ws, preset), ws.logs / f"train_{method.key}.log",
+             f"train {method.label}", total_epochs=preset.budget.epochs)
+
+
+def evaluate(ws: Workspace, dataset_id: int, preset: Preset, method: Method, device: str) -> Path:
+    """``nnunet-gmd evaluate`` on fold 0 (= the test cases) under all channel subsets."""
+    out = report_path(ws, method).parent
+    command = nnunet_gmd_command("evaluate", "-d", str(dataset_id), "-c", preset.configuration, "-f", "0",
+                                 "-tr", method.trainer, "-p", preset.plans_name, "-o", str(out), "-device", device)
+    if not preset.tta:
+        command.append("--disable_tta")
+    if not preset.hd95:
+        command.append("--no-hd95")
+    if preset.cpu_friendly:
+        command += ["-npp", "0", "-nps", "0"]
+    run_tool(command, _training_env(ws, preset), ws.logs / f"evaluate_{method.key}.log",
+             f"evaluate {method.label} (15 subsets)")
+    return report_path(ws, method)
+
+
+def compare(ws: Workspace, methods: Sequence[Method], out_dir: Path) -> None:
+    """``nnunet-gmd compare``: subsets x methods table and side-by-side heatmaps."""
+    command = nnunet_gmd_command("compare", *[str(report_path(ws, m)) for m in methods],
+                                 "--labels", *[m.label for m in methods], "-o", str(out_dir))
+    run_tool(command, ws.env(), ws.logs / "compare.log", "compare")
+
+
+def train_and_evaluate_all(ws: Workspace, dataset_id: int, preset: Preset, methods: Sequence[Method],
+                           device: str, first_step: int, total_steps: int) -> None:
+    """Train every method, then evaluate every method; each is a reusable step."""
+    step = first_step
+    for method in methods:
+        ws.run_step(f"train_{method.key}", f"[{step}/{total_steps}] train {method.label} ({method.trainer}, "
+                                           f"{preset.budget.describe()})",
+                    lambda m=method: train(ws, dataset_id, preset, m, device))
+        step += 1
+    for method in methods:
+        ws.run_step(f"evaluate_{method.key}", f"[{step}/{total_steps}] evaluate {method.label} on the test cases "
+                                              f"under all 15 subsets",
+                    lambda m=method: evaluate(ws, dataset_id, preset, m, device))
+        step += 1

@@ -1,0 +1,162 @@
+"""The subsets x regions x methods results of a run: Markdown, CSV, JSON and a plot.
+
+Reads the reports of ``nnunet-gmd evaluate``. Besides the mean over all 15 subsets (the paper's headline) it
+gives the mean over the 14 subsets with at least one missing modality, which is what missing-modality methods
+are for, and the full-modality row on its own.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nnunet_gmd.demo.workspace import write_json_atomic  # noqa: E402
+from nnunet_gmd.nnunet.report import comparison_rows, load_report, regions_of, write_text_atomic  # noqa: E402
+
+SHORT_REGION = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
+MEAN_KINDS = ("all subsets", "missing modalities", "full set")
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def _short(region: str) -> str:
+    return SHORT_REGION.get(region, region)
+
+
+class Results:
+    """Dice per (subset, region, method), from one report per method."""
+
+    def __init__(self, report_paths: Sequence[Path], labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        self.reports = [load_report(p) for p in report_paths]
+        self.regions = regions_of(self.reports[0])
+        self.channels = list(self.reports[0]["channels"])
+        self.cases = list(self.reports[0].get("cases", []))
+        tables = {region: comparison_rows(self.reports, region) for region in self.regions}
+        self.subsets = tables[self.regions[0]][0]
+        self.dice = np.stack([tables[r][1] for r in self.regions], axis=1)   # subsets x regions x methods
+        full = "+".join(self.channels)
+        self.is_full = np.array([s == full for s in self.subsets])
+
+    def means(self) -> dict[str, np.ndarray]:
+        """kind -> regions x methods mean Dice (NaN-aware) over all / missing-modality / full subsets."""
+        rows = {"all subsets": np.ones_like(self.is_full), "missing modalities": ~self.is_full,
+                "full set": self.is_full}
+        out = {}
+        for kind, keep in rows.items():
+            with np.errstate(all="ignore"):
+                sel = self.dice[keep]
+                out[kind] = np.nanmean(sel, axis=0) if sel.size and not np.all(np.isnan(sel)) else \
+                    np.full(self.dice.shape[1:], np.nan)
+        return out
+
+    # ------------------------------------------------------------------------------------------ text forms
+    def to_markdown(self, title: str, details: Sequence[str] = ()) -> str:
+        lines = [f"# {title}", ""] + [f"- {d}" for d in details] + ([""] if details else [])
+        lines += ["## Mean Dice per method", "",
+                  "| method | " + " | ".join(f"{_short(r)} ({k})" for k in MEAN_KINDS[:2] for r in self.regions)
+                  + " | mean (all) | mean (missing) | mean (full set) |",
+                  "|---|" + "---:|" * (2 * len(self.regions) + 3)]
+        means = self.means()
+        for j, label in enumerate(self.labels):
+            cells = [_fmt(means[k][i, j]) for k in MEAN_KINDS[:2] for i in range(len(self.regions))]
+            cells += [_fmt(float(np.nanmean(means[k][:, j]))) for k in MEAN_KINDS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", f"## Dice per available subset ({len(self.subsets)} subsets x {len(self.regions)} regions x "
+                      f"{len(self.labels)} methods)", "",
+                  "| available | " + " | ".join(f"{_short(r)} {m}" for r in self.regions for m in self.labels) + " |",
+                  "|---|" + "---:|" * (len(self.regions) * len(self.labels))]
+        for s, name in enumerate(self.subsets):
+            cells = []
+            for i in range(len(self.regions)):
+                row = self.dice[s, i]
+                best = np.nanmax(row) if not np.all(np.isnan(row)) else np.nan
+                cells += [f"**{_fmt(v)}**" if len(self.labels) > 1 and v == best else _fmt(v) for v in row]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("WT whole tumor, TC tumor core, ET enhancing tumor; bold: best method per subset and region. "
+                     "\"missing\" averages the subsets with at least one absent modality.")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["available", "n_available", "region", "method", "dice"])
+        for s, name in enumerate(self.subsets):
+            for i, region in enumerate(self.regions):
+                for j, label in enumerate(self.labels):
+                    v = self.dice[s, i, j]
+                    w.writerow([name, name.count("+") + 1, region, label, "" if math.isnan(v) else f"{v:.6f}"])
+        return buf.getvalue()
+
+    def to_json(self) -> dict:
+        def clean(x: float):
+            return None if math.isnan(x) else round(float(x), 6)
+        means = self.means()
+        return {
+            "methods": self.labels, "regions": self.regions, "channels": self.channels, "test_cases": self.cases,
+            "dice": {name: {r: {m: clean(self.dice[s, i, j]) for j, m in enumerate(self.labels)}
+                            for i, r in enumerate(self.regions)} for s, name in enumerate(self.subsets)},
+            "mean_dice": {k: {m: {**{r: clean(means[k][i, j]) for i, r in enumerate(self.regions)},
+                                  "mean": clean(float(np.nanmean(means[k][:, j])))}
+                              for j, m in enumerate(self.labels)} for k in MEAN_KINDS},
+        }
+
+    # ------------------------------------------------------------------------------------------ plot
+    def plot(self, path: Path, title: str) -> None:
+        """Per region: Dice of every method on every subset (left), and the mean bars (right)."""
+        n_r = len(self.regions)
+        fig, axes = plt.subplots(n_r, 2, figsize=(15, 3.2 * n_r), squeeze=False,
+                                 gridspec_kw={"width_ratios": [3.2, 1]})
+        x = np.arange(len(self.subsets))
+        means = self.means()
+        width = 0.8 / max(1, len(self.labels))
+        for i, region in enumerate(self.regions):
+            ax = axes[i, 0]
+            for j, label in enumerate(self.labels):
+                ax.plot(x, self.dice[:, i, j], marker="o", ms=4, lw=1.2, label=label)
+            ax.set_xticks(x, self.subsets if i == n_r - 1 else [""] * len(x), rotation=60, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(f"{region}\nDice")
+            ax.grid(alpha=0.3)
+            bars = axes[i, 1]
+            kinds = MEAN_KINDS[:2]
+            for j, label in enumerate(self.labels):
+                bars.bar(np.arange(len(kinds)) + (j - (len(self.labels) - 1) / 2) * width,
+                         [means[k][i, j] for k in kinds], width, label=label)
+            bars.set_xticks(np.arange(len(kinds)), ["15 subsets", "missing only"])
+            bars.set_ylim(0, 1)
+            bars.set_title(f"mean {_short(region)} Dice", fontsize=9)
+            bars.grid(axis="y", alpha=0.3)
+        axes[0, 0].legend(loc="lower right", fontsize=8, ncol=len(self.labels))
+        fig.suptitle(title)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".results.", suffix=".png")
+        os.close(fd)
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+
+    def write(self, out_dir: Path, stem: str, title: str, details: Sequence[str] = (), extra: dict | None = None
+              ) -> dict[str, Path]:
+        """Write ``stem``.md/.csv/.json/.png into ``out_dir`` (atomically) and return their paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
+        write_text_atomic(paths["md"], self.to_markdown(title, details))
+        write_text_atomic(paths["csv"], self.to_csv())
+        write_json_atomic(paths["json"], {**self.to_json(), **(extra or {})})
+        self.plot(paths["png"], title)
+        return paths
