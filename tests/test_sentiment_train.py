@@ -95,6 +95,9 @@ def test_cli_train_then_evaluate_round_trip(tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main([*argv(3), "--resume"]) == 0
     assert len(json.loads((run / "history.json").read_text())) == 3
+    capsys.readouterr()
+    assert main([*argv(3), "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
 
     assert main(["sentiment", "evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data),
                  "--out", str(report), "--missing-rate-curve", "--device", "cpu"]) == 0

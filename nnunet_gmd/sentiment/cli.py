@@ -71,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              weight_decay=args.weight_decay, gmd_reduction=args.gmd_reduction, hidden=args.hidden,
                              layers=args.layers, heads=args.heads, dropout=args.dropout)
         result = train(data, config, args.out, resume=args.resume, device=device)
-    if not result.history:
-        print("nothing to train: the run already has all requested epochs")
+    if result.epochs_run == 0:
+        print(f"nothing to train: the run in {args.out} already has {len(result.history)} epoch(s); raise --epochs")
     print(f"best epoch {result.best_epoch} (valid MAE {result.best_score:.4f}); checkpoint: {result.checkpoint}")
     return 0
 

@@ -95,6 +95,7 @@ class TrainResult:
     best_score: float
     history: list[dict]
     checkpoint: Path
+    epochs_run: int  # in this call; 0 when a resumed run already had all requested epochs
 
 
 def _selection_subsets(method: str) -> list[tuple[int, ...]]:
@@ -237,7 +238,7 @@ def train(data: SentimentData, config: TrainConfig, out_dir: str | Path, resume:
             _write_history(out, history, config)
     finally:
         bar.close()
-    return TrainResult(best_epoch, best_score, history, best_path)
+    return TrainResult(best_epoch, best_score, history, best_path, max(0, config.epochs - start_epoch))
 
 
 def _write_history(out: Path, history: list[dict], config: TrainConfig) -> None:
