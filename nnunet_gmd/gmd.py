@@ -224,9 +224,11 @@ def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], su
     for k, subset in enumerate(subsets):
         leaves = [f.detach().requires_grad_() for f in _fused(outputs, subset)]
         loss = subset_loss(_as_network_output(leaves, as_list), subset)
-        cotangents = torch.autograd.grad(loss, leaves)
-        branch_outs = [outputs[m][s] for m in subset for s in range(len(leaves))]
-        branch_cots = [cotangents[s] / len(subset) for _ in subset for s in range(len(leaves))]
+        # scales the loss ignores (nnU-Net weights the lowest deep-supervision output 0) get no cotangent
+        cotangents = torch.autograd.grad(loss, leaves, allow_unused=True)
+        used = [s for s, c in enumerate(cotangents) if c is not None]
+        branch_outs = [outputs[m][s] for m in subset for s in used]
+        branch_cots = [cotangents[s] / len(subset) for _ in subset for s in used]
         grads = torch.autograd.grad(branch_outs, layout.params, grad_outputs=branch_cots,
                                     retain_graph=k < last, allow_unused=True)
         layout.flatten_into(flat[k], grads)
