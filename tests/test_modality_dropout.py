@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nnunet_gmd.nnunet.baselines import (BUDGET_ENV_VARS, budget_from_env, drop_random_modalities,
-                                         nnUNetTrainerModalityDropout, nnUNetTrainerModalityDropout_smoke)
+                                         final_validation_enabled, nnUNetTrainerModalityDropout,
+                                         nnUNetTrainerModalityDropout_smoke)
 from nnunet_gmd.subsets import all_subsets
 
 
@@ -43,6 +44,13 @@ def test_budget_is_read_from_environment_and_validated():
         with pytest.raises(ValueError, match="NNUNET_GMD_NUM_EPOCHS"):
             budget_from_env({"NNUNET_GMD_NUM_EPOCHS": bad})
     assert set(BUDGET_ENV_VARS) == {"NNUNET_GMD_NUM_EPOCHS", "NNUNET_GMD_ITERS_PER_EPOCH", "NNUNET_GMD_VAL_ITERS"}
+
+
+def test_final_validation_switch():
+    assert final_validation_enabled({})
+    assert final_validation_enabled({"NNUNET_GMD_FINAL_VALIDATION": "1"})
+    for off in ("0", "false", "No", " off "):
+        assert not final_validation_enabled({"NNUNET_GMD_FINAL_VALIDATION": off})
 
 
 def test_trainers_are_nnunet_trainers_with_full_init_signature():

@@ -49,7 +49,8 @@ def _training_env(ws: Workspace, preset: Preset) -> dict[str, str]:
     extra = preset.budget.env()
     if preset.cpu_friendly:
         # One augmentation worker and one export worker: more only adds process start-up on 2 cores.
-        extra.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"})
+        # nnU-Net's final all-modality validation is skipped: ``evaluate`` scores the same cases under all subsets.
+        extra.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "NNUNET_GMD_FINAL_VALIDATION": "0"})
     return ws.env(extra)
 
 

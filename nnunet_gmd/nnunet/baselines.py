@@ -9,6 +9,9 @@
 
 The budget variables (all optional, positive integers) are shared by every trainer of this package:
 ``NNUNET_GMD_NUM_EPOCHS``, ``NNUNET_GMD_ITERS_PER_EPOCH`` and ``NNUNET_GMD_VAL_ITERS``.
+``NNUNET_GMD_FINAL_VALIDATION=0`` skips nnU-Net's final validation after training (:class:`OptionalFinalValidation`):
+the demo and benchmark score the test cases themselves under every subset, and on a CPU the all-modality
+validation with mirroring costs more than a minute per method.
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_gmd.subsets import all_subsets, subset_mask
 
+__all__ = ["nnUNetTrainerBudget", "nnUNetTrainerModalityDropout", "nnUNetTrainerBudget_smoke",
+           "nnUNetTrainerModalityDropout_smoke"]
+
+FINAL_VALIDATION_ENV = "NNUNET_GMD_FINAL_VALIDATION"
 BUDGET_ENV_VARS = {
     "NNUNET_GMD_NUM_EPOCHS": "num_epochs",
     "NNUNET_GMD_ITERS_PER_EPOCH": "num_iterations_per_epoch",
@@ -44,6 +51,21 @@ def budget_from_env(environ: dict | None = None) -> dict[str, int]:
     return out
 
 
+def final_validation_enabled(environ: dict | None = None) -> bool:
+    """False only when ``NNUNET_GMD_FINAL_VALIDATION`` is 0 / false / no / off."""
+    environ = os.environ if environ is None else environ
+    return environ.get(FINAL_VALIDATION_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class OptionalFinalValidation:
+    """Mixin (put it before the nnU-Net trainer base) that honours ``NNUNET_GMD_FINAL_VALIDATION``."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if final_validation_enabled():
+            return super().perform_actual_validation(save_probabilities)
+        self.print_to_log_file(f"final validation skipped ({FINAL_VALIDATION_ENV}=0)", also_print_to_console=True)
+
+
 def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
     """Override epochs / iterations of an initialised-in-``__init__`` trainer from the environment."""
     for attribute, value in budget_from_env().items():
@@ -63,7 +85,7 @@ def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> to
     return data * keep.view(shape).to(device=data.device, dtype=data.dtype)
 
 
-class nnUNetTrainerBudget(nnUNetTrainer):
+class nnUNetTrainerBudget(OptionalFinalValidation, nnUNetTrainer):
     """Stock nnU-Net training, with the budget taken from ``NNUNET_GMD_*`` environment variables.
 
     nnU-Net records ``__init__``'s named parameters to re-create a trainer from a checkpoint, so every subclass
