@@ -6,7 +6,8 @@ phantom cases converted with ``nnunet-gmd convert-brats``'s code and planned + p
 them through :meth:`Workspace.env` and in-process calls through the ``nnunet_paths`` fixture.
 
 Untrained model folders (``write_untrained_model``) give fast, deterministic tests of prediction and
-evaluation: the network is what the trainer builds at inference time, with seeded random weights.
+evaluation: the network is what the trainer builds at inference time (a ``DSUNet`` for ``nnUNetTrainerDS``),
+with seeded random weights.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,26 +27,8 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_TinyBraTS"
 CONFIG = "3d_fullres"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# A trainer whose network is a DSUNet, for fast tests that do not need the GMD trainers module: nnU-Net finds
-# it through an extra nnUNet_extTrainer folder. It only builds the architecture (inference needs nothing else).
-_TEST_DS_TRAINER = "nnUNetTrainerTestDSOnly"
-_TEST_DS_TRAINER_SOURCE = textwrap.dedent(f'''
-    import pydoc
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_gmd.networks import DSUNet
-
-
-    class {_TEST_DS_TRAINER}(nnUNetTrainer):
-        @staticmethod
-        def build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                       num_output_channels, enable_deep_supervision=True):
-            kwargs = dict(configuration_manager.network_arch_init_kwargs)
-            for key in configuration_manager.network_arch_init_kwargs_req_import:
-                if kwargs[key] is not None:
-                    kwargs[key] = pydoc.locate(kwargs[key])
-            return DSUNet(num_modalities=num_input_channels, num_classes=num_output_channels,
-                          deep_supervision=enable_deep_supervision, **kwargs)
-''')
+DS_TRAINER = "nnUNetTrainerDS"  # our Dynamic Sharing trainer (nnunet_gmd.nnunet.trainers)
+STOCK_TRAINER = "nnUNetTrainer"
 
 
 @dataclass
@@ -57,7 +39,6 @@ class Workspace:
     raw: Path
     preprocessed: Path
     results: Path
-    ext_trainers: Path
     phantoms: Path
 
     @property
@@ -69,7 +50,7 @@ class Workspace:
 
         return {"nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
                 "nnUNet_results": str(self.results),
-                "nnUNet_extTrainer": os.pathsep.join([str(self.ext_trainers), str(ext_trainer_path())]),
+                "nnUNet_extTrainer": str(ext_trainer_path()),
                 "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "2"}
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -98,10 +79,9 @@ def build_workspace(root: Path, n_cases: int = 5) -> Workspace:
     from nnunet_gmd.nnunet.convert_brats import convert_brats
 
     ws = Workspace(root, root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results",
-                   root / "ext_trainers", root / "phantoms")
-    for p in (ws.raw, ws.preprocessed, ws.results, ws.ext_trainers):
+                   root / "phantoms")
+    for p in (ws.raw, ws.preprocessed, ws.results):
         p.mkdir(parents=True, exist_ok=True)
-    (ws.ext_trainers / "test_ds_trainer.py").write_text(_TEST_DS_TRAINER_SOURCE)
     write_brats_like_cases(ws.phantoms, n_cases, shape=(32, 32, 32), seed=0)
     convert_brats(ws.phantoms, DATASET_ID, "TinyBraTS", raw_root=ws.raw)
     run_tool(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG, "-np", "1", "-npfp", "1"],
@@ -126,13 +106,6 @@ def nnunet_paths(tiny_nnunet, monkeypatch) -> Workspace:
     for key, value in tiny_nnunet.env_vars().items():
         monkeypatch.setenv(key, value)
     return tiny_nnunet
-
-
-def test_ds_trainer_name() -> str:
-    return _TEST_DS_TRAINER
-
-
-test_ds_trainer_name.__test__ = False  # a helper, not a test
 
 
 def write_split(ws: Workspace, n_splits: int = 5) -> list[dict]:
@@ -184,6 +157,18 @@ def write_untrained_model(ws: Workspace, trainer_name: str, folds: Sequence[int]
                     "inference_allowed_mirroring_axes": (0, 1, 2), "current_epoch": 0},
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
+
+
+@pytest.fixture
+def ds_model(nnunet_paths) -> Path:
+    """Untrained nnUNetTrainerDS model folder (fold 0) on the tiny dataset."""
+    return write_untrained_model(nnunet_paths, DS_TRAINER)
+
+
+@pytest.fixture
+def stock_model(nnunet_paths) -> Path:
+    """Untrained stock nnUNetTrainer model folder (fold 0) on the tiny dataset."""
+    return write_untrained_model(nnunet_paths, STOCK_TRAINER)
 
 
 def make_input_folder(ws: Workspace, dest: Path, cases: Sequence[str], drop: Sequence[int] = ()) -> Path:

@@ -5,7 +5,6 @@ voxel by voxel; the end-to-end test with a trained GMD model lives in test_nnune
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_gmd.cli import UserError, main
-from nnunet_helpers import (DATASET_ID, CONFIG, make_input_folder, nnunet_paths, run_tool,  # noqa: F401
-                            test_ds_trainer_name, tiny_nnunet, write_untrained_model)
+from nnunet_helpers import (CONFIG, DATASET_ID, DS_TRAINER, STOCK_TRAINER, ds_model,  # noqa: F401
+                            make_input_folder, nnunet_paths, run_tool, stock_model, tiny_nnunet)
 
-STOCK = "nnUNetTrainer"
+STOCK = STOCK_TRAINER
 CASES = ["Phantom_000", "Phantom_001"]
 FAST = ["-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"]
 
@@ -44,22 +43,12 @@ def _nnunet_predictor(folder: Path):
     return predictor
 
 
-@pytest.fixture
-def ds_model(nnunet_paths):
-    return write_untrained_model(nnunet_paths, test_ds_trainer_name())
-
-
-@pytest.fixture
-def stock_model(nnunet_paths):
-    return write_untrained_model(nnunet_paths, STOCK)
-
-
 def test_all_channels_equal_nnunetv2_predict(nnunet_paths, ds_model, tmp_path):
     inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES)
     run_tool(["nnUNetv2_predict", "-i", str(inp), "-o", str(tmp_path / "ref"), "-d", str(DATASET_ID), "-c", CONFIG,
-              "-f", "0", "-tr", test_ds_trainer_name(), "-device", "cpu", "-npp", "0", "-nps", "0",
+              "-f", "0", "-tr", DS_TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0",
               "--save_probabilities"], nnunet_paths.env(), timeout=300)
-    assert main(_predict_args(inp, tmp_path / "ours", test_ds_trainer_name())) == 0
+    assert main(_predict_args(inp, tmp_path / "ours", DS_TRAINER)) == 0
     for case in CASES:
         np.testing.assert_array_equal(_seg(tmp_path / "ours", case), _seg(tmp_path / "ref", case))
         np.testing.assert_array_equal(_probs(tmp_path / "ours", case), _probs(tmp_path / "ref", case))
@@ -76,7 +65,7 @@ def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
 
     case = CASES[0]
     make_input_folder(nnunet_paths, tmp_path / "missing", [case], drop=[3])
-    assert main(_predict_args(tmp_path / "missing", tmp_path / "ours", test_ds_trainer_name())) == 0
+    assert main(_predict_args(tmp_path / "missing", tmp_path / "ours", DS_TRAINER)) == 0
     ours = _probs(tmp_path / "ours", case)
 
     # Reference 1: nnU-Net's predictor with FLAIR replaced by arbitrary values inside the head and the DS
@@ -106,7 +95,7 @@ def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
 
     # And the forced subset on complete input is the same as the absent file.
     make_input_folder(nnunet_paths, tmp_path / "complete", [case])
-    assert main(_predict_args(tmp_path / "complete", tmp_path / "forced", test_ds_trainer_name(),
+    assert main(_predict_args(tmp_path / "complete", tmp_path / "forced", DS_TRAINER,
                               "--available", "T1,t1ce,t2")) == 0
     np.testing.assert_array_equal(ours, _probs(tmp_path / "forced", case))
     record = (tmp_path / "ours" / "modality_availability.json").read_text()

@@ -109,8 +109,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- compare
 def _compare(args: argparse.Namespace) -> int:
     from nnunet_gmd.cli import UserError
+    from nnunet_gmd.nnunet.files import write_text_atomic
     from nnunet_gmd.nnunet.report import (check_comparable, compare_table, comparison_labels, load_report,
-                                          plot_comparison, regions_of, write_text_atomic)
+                                          plot_comparison, regions_of)
 
     paths = [Path(p) for p in args.reports]
     reports = [load_report(p) for p in paths]

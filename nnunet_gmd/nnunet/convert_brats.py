@@ -26,7 +26,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from nnunet_gmd.cli import UserError
-from nnunet_gmd.nnunet.image_files import nifti_problem
+from nnunet_gmd.nnunet.files import nifti_problem
 
 #: nnU-Net channel index -> channel name, in the order of nnU-Net's Dataset137.
 CHANNEL_NAMES: dict[int, str] = {0: "t1", 1: "t1ce", 2: "t2", 3: "flair"}

@@ -1,4 +1,7 @@
-"""Integrity check for NIfTI files.
+"""File helpers: atomic writes, and an integrity check for NIfTI files.
+
+Reports and records are written through a temporary file and ``os.replace``, so a reader (or a re-run after an
+interruption) never sees half a file.
 
 SimpleITK (and with it nnU-Net's default reader) reads a truncated ``.nii.gz`` without complaint and fills the
 missing voxels with zeros, so a broken download would be segmented as if half the head were empty. nibabel
@@ -6,9 +9,12 @@ checks that the whole data block is there, which is what this module is for.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -32,3 +38,30 @@ def nifti_problem(path: Path) -> Optional[str]:
             return f"the image data is incomplete ({m.group(2)} of {m.group(1)} bytes): the file is truncated"
         return f"damaged file: {text}" if text else f"damaged file ({type(e).__name__})"
     return None
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json_atomic(path: Path, content: object) -> None:
+    """Strict JSON (no NaN: callers turn undefined values into null), written atomically."""
+    write_text_atomic(path, json.dumps(content, indent=2, allow_nan=False) + "\n")

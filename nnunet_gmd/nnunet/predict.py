@@ -34,7 +34,7 @@ from tqdm import tqdm
 from nnunet_gmd.cli import UserError
 from nnunet_gmd.networks import DSUNet
 from nnunet_gmd.nnunet import ext_trainer_path
-from nnunet_gmd.nnunet.image_files import nifti_problem
+from nnunet_gmd.nnunet.files import nifti_problem, write_json_atomic
 from nnunet_gmd.subsets import Subset, subset_mask, subset_name
 
 AVAILABILITY_FILE = "modality_availability.json"
@@ -216,22 +216,6 @@ def check_case(case: CaseFiles, reader: BaseReaderWriter) -> tuple[tuple[int, ..
                             f"{ref_file.name} has {tuple(ref_props['spacing'])}")
     assert ref is not None
     return ref[1], ref[2]
-
-
-def write_json_atomic(path: Path, content: object) -> None:
-    """Write JSON through a temporary file and ``os.replace``, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(content, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- prediction
