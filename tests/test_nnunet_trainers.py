@@ -1,0 +1,124 @@
+"""Our nnU-Net trainers, in-process on real nnU-Net objects and end to end through nnU-Net's own tools."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_helpers import CONFIG, DATASET_ID, DATASET_NAME, run_tool, tiny_nnunet, nnunet_paths  # noqa: F401
+
+from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.subsets import all_subsets, subset_mask
+
+
+def make_trainer(ws, name: str):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    pre = ws.preprocessed / DATASET_NAME
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8's run_training puts this into the plans dict
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = recursive_find_trainer_class_by_name(name)(plans, CONFIG, 0, dataset_json, device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def random_batch(trainer, seed: int = 0) -> dict:
+    """A batch shaped like nnU-Net's loader output: region targets at every deep-supervision scale."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    data = torch.randn(2, trainer.num_input_channels, *patch, generator=gen)
+    scales = trainer._get_deep_supervision_scales()
+    targets = []
+    for scale in scales:
+        shape = [int(round(p * s)) for p, s in zip(patch, scale)]
+        targets.append(torch.randint(0, 2, (2, 3, *shape), generator=gen).float())
+    return {"data": data, "target": targets}
+
+
+def test_network_is_built_from_the_plans_with_the_width_factor(nnunet_paths):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_gmd.nnunet.trainers import nnUNetTrainerGMD
+
+    pre = nnunet_paths.preprocessed / DATASET_NAME
+    plans = PlansManager(str(pre / "nnUNetPlans.json"))
+    cm = plans.get_configuration(CONFIG)
+    with_ds = nnUNetTrainerGMD.build_network_architecture(plans, cm, 4, 3, True)
+    without = nnUNetTrainerGMD.build_network_architecture(plans, cm, 4, 3, False)
+    assert isinstance(with_ds, DSUNet) and with_ds.num_modalities == 4
+    planned = cm.network_arch_init_kwargs["features_per_stage"]
+    first_conv = with_ds.encoder.stages[0].blocks[0].conv
+    assert first_conv.in_channels == 1 and first_conv.out_channels == round(planned[0] * 0.5)
+    without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
+
+
+def test_gmd_train_step_optimises_the_mean_subset_loss_with_statistics(nnunet_paths):
+    trainer = make_trainer(nnunet_paths, "nnUNetTrainerGMD")
+    batch = random_batch(trainer)
+    net = trainer.network
+    before = [p.detach().clone() for p in net.parameters()]
+
+    expected = [float(trainer.loss(net(batch["data"], subset_mask(s, 4)), batch["target"])) for s in all_subsets(4)]
+    out = trainer.train_step(batch)
+    assert out["loss"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert out["modality_grad_norms"].shape == (4,) and np.all(out["modality_grad_norms"] > 0)
+    assert 0 <= out["conflicts"] <= 105
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None))
+    assert total <= 12 + 1e-4  # clipped after the merge
+
+
+def test_ds_trainer_gradient_is_that_of_the_mean_subset_loss(nnunet_paths):
+    trainer = make_trainer(nnunet_paths, "nnUNetTrainerDS")
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.0)  # keep weights for the check
+    batch = random_batch(trainer, seed=1)
+    net = trainer.network
+    trainer.train_step(batch)
+    got = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    loss = torch.stack([trainer.loss(net(batch["data"], subset_mask(s, 4)), batch["target"])
+                        for s in all_subsets(4)]).mean()
+    loss.backward()
+    want = [p.grad for p in net.parameters()]
+    scale = min(1.0, 12 / float(torch.sqrt(sum((g ** 2).sum() for g in want if g is not None))))
+    assert sum(g is not None for g in got) > 0.9 * len(got)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)  # e.g. the 0-weighted lowest deep-supervision head
+        if g is not None:
+            torch.testing.assert_close(g, w * scale, rtol=1e-4, atol=1e-7)
+
+
+def test_k5_trainer_draws_five_subsets(nnunet_paths):
+    trainer = make_trainer(nnunet_paths, "nnUNetTrainerGMD_k5")
+    draws = [trainer.subset_sampler.sample() for _ in range(10)]
+    assert all(len(d) == 5 for d in draws) and len({tuple(d) for d in draws}) > 1
+
+
+@pytest.mark.slow
+def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnunet):
+    ws = tiny_nnunet
+    trainer = "nnUNetTrainerGMD_smoke"
+    fold = ws.model_folder(trainer) / "fold_0"
+    train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu"]
+
+    run_tool(train, ws.env(NNUNET_GMD_NUM_EPOCHS="1"), timeout=900)
+    first = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert first["current_epoch"] == 1
+    assert len(first["logging"]["gmd_conflicting_pairs"]) == 1
+    assert len(first["logging"]["gmd_modality_grad_norms"][0]) == 4
+    assert "subset_sampler" in first["nnunet_gmd_state"] and "gmd_generator" in first["nnunet_gmd_state"]
+    assert (fold / "gmd_progress.png").stat().st_size > 1000 and (fold / "progress.png").is_file()
+
+    proc = run_tool(train + ["--c"], ws.env(NNUNET_GMD_NUM_EPOCHS="2"), timeout=900)
+    assert "Epoch 1" in proc.stdout and "Epoch 0\n" not in proc.stdout
+    resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 2
+    assert len(resumed["logging"]["gmd_conflicting_pairs"]) == 2
+    assert not torch.equal(resumed["network_weights"]["encoder.stages.0.blocks.0.conv.weight"],
+                           first["network_weights"]["encoder.stages.0.blocks.0.conv.weight"])
+    assert not list(fold.glob("*.tmp"))
+
+    run_tool(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-f", "0",
+              "-np", "1"], ws.env(), timeout=600)
+    inference = (ws.results / DATASET_NAME / "inference_information.json")
+    assert trainer in inference.read_text()
