@@ -52,6 +52,31 @@ def _stage(train_dir: Path, test_dir: Path, staging: Path, train: Sequence[str],
     os.replace(tmp, staging)
 
 
+def split_folder(src: Path, out: Path, n_test: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Link a seeded random ``n_test`` of ``src``'s labelled cases into ``out/test``, the rest into ``out/train``.
+
+    Links, not copies: the data stays where it is (and under its licence's terms).
+    """
+    import numpy as np
+
+    src, out = Path(src).resolve(), Path(out)
+    cases = _labelled_case_ids(src, "source")
+    if not 1 <= n_test < len(cases):
+        raise UserError(f"--test must leave at least one training case: {src} has {len(cases)} cases, "
+                        f"asked for {n_test} test cases")
+    test = sorted(np.random.default_rng(seed).choice(cases, n_test, replace=False).tolist())
+    train = [c for c in cases if c not in test]
+    for role in ("train", "test"):
+        if (out / role).exists() and any((out / role).iterdir()):
+            raise UserError(f"{out / role} is not empty; choose another output folder")
+    for role, ids in (("train", train), ("test", test)):
+        folder = out / role
+        folder.mkdir(parents=True, exist_ok=True)
+        for case_id in ids:
+            os.symlink(src / case_id, folder / case_id, target_is_directory=True)
+    return train, test
+
+
 def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset, methods: Sequence[Method],
                   device: str, fresh: bool = False) -> dict[str, Path]:
     """Run (or resume) the benchmark in ``out_dir``; returns the paths of the results files."""

@@ -69,6 +69,15 @@ def _benchmark_brats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_split(args: argparse.Namespace) -> int:
+    from nnunet_gmd.demo.benchmark import split_folder
+
+    train, test = split_folder(Path(args.src), Path(args.output), args.test, args.seed)
+    print(f"{args.output}/train: {len(train)} cases; {args.output}/test: {len(test)} cases ({', '.join(test)})")
+    print(f"next: nnunet-gmd benchmark brats --train {args.output}/train --test {args.output}/test")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 15 min on 2 CPU cores)",
@@ -97,3 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run settings (default cpu)")
     _add_common(b, "benchmark_output", BENCHMARK_METHODS)
     b.set_defaults(func=_benchmark_brats)
+
+    s = bench.add_parser("split", help="split one BraTS folder into train/ and test/ folders of links",
+                         description="Link a seeded random selection of SRC's case folders into OUT/test and the "
+                                     "rest into OUT/train (symbolic links; nothing is copied).")
+    s.add_argument("src", help="folder of BraTS case folders")
+    s.add_argument("-o", "--output", required=True, help="folder to create train/ and test/ in")
+    s.add_argument("--test", type=_positive, required=True, help="number of test cases")
+    s.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    s.set_defaults(func=_benchmark_split)

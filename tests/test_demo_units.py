@@ -1,0 +1,157 @@
+"""Building blocks of the demo/benchmark pipeline: presets, plans derivation, workspace reuse, tool runner, results."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnunet_gmd.cli import UserError
+from nnunet_gmd.demo.pipeline import METHODS, parse_methods
+from nnunet_gmd.demo.planning import add_narrow_configuration, narrow_features
+from nnunet_gmd.demo.presets import PRESETS, Budget
+from nnunet_gmd.demo.results import Results
+from nnunet_gmd.demo.tools import run_tool
+from nnunet_gmd.demo.workspace import Workspace
+from nnunet_gmd.nnunet.baselines import budget_from_env
+from nnunet_gmd.subsets import all_subsets
+
+CHANNELS = ["t1", "t1ce", "t2", "flair"]
+REGIONS = ["whole tumor", "tumor core", "enhancing tumor"]
+
+
+def test_budget_reaches_trainers_through_the_variables_they_read():
+    budget = Budget(7, 11, 3)
+    assert budget_from_env(budget.env()) == {"num_epochs": 7, "num_iterations_per_epoch": 11,
+                                             "num_val_iterations_per_epoch": 3}
+    preset = PRESETS["cpu"].with_budget(epochs=2)
+    assert (preset.budget.epochs, preset.budget.iterations_per_epoch) == (2, PRESETS["cpu"].budget.iterations_per_epoch)
+    full = PRESETS["full"]
+    assert (full.plans_name, full.configuration, full.target_spacing_mm, full.base_features, full.tta) == \
+        ("nnUNetPlans", "3d_fullres", None, None, True)
+    assert full.budget == Budget(1000, 250, 50)          # nnU-Net's own defaults
+
+
+def test_methods_are_validated():
+    assert [m.trainer for m in parse_methods(["stock", "gmd_k5"])] == ["nnUNetTrainerBudget", "nnUNetTrainerGMD_k5"]
+    with pytest.raises(UserError, match="unknown method 'gdm'"):
+        parse_methods(["gdm"])
+    with pytest.raises(UserError, match="twice"):
+        parse_methods(["gmd", "gmd"])
+    assert set(METHODS) == {"stock", "dropout", "ds", "gmd", "gmd_k5"}
+
+
+def _plans(n_stages: int = 5) -> dict:
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": n_stages, "features_per_stage": [32, 64, 128, 256, 320],
+                            "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * n_stages, "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+                            "n_conv_per_stage": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+                            "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    return {"dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans_cpu",
+            "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_cpu_3d_fullres", "batch_size": 2,
+                                              "patch_size": [48, 64, 48], "spacing": [3.0, 3.0, 3.0],
+                                              "architecture": arch}}}
+
+
+def test_narrow_configuration_inherits_everything_but_the_width(tmp_path):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    assert narrow_features(5, 16, 128) == [16, 32, 64, 128, 128]
+    plans_file = tmp_path / "nnUNetPlans_cpu.json"
+    plans_file.write_text(json.dumps(_plans()))
+    add_narrow_configuration(plans_file, "3d_small", 16, 128)
+    manager = PlansManager(str(plans_file))          # nnU-Net's own resolution of inherits_from
+    small, full = manager.get_configuration("3d_small"), manager.get_configuration("3d_fullres")
+    assert list(small.network_arch_init_kwargs["features_per_stage"]) == [16, 32, 64, 128, 128]
+    assert list(full.network_arch_init_kwargs["features_per_stage"]) == [32, 64, 128, 256, 320]
+    assert small.data_identifier == full.data_identifier      # shares the preprocessed data
+    assert list(small.patch_size) == [48, 64, 48] and small.batch_size == 2
+
+
+def test_workspace_reuses_steps_and_refuses_other_settings(tmp_path):
+    root = tmp_path / "run"
+    ws = Workspace(root, {"a": 1})
+    calls = []
+    assert ws.run_step("one", "step one", lambda: calls.append(1))
+    assert not Workspace(root, {"a": 1}).run_step("one", "step one", lambda: calls.append(2))
+    assert calls == [1]
+    assert "one" in ws.step_seconds()
+    with pytest.raises(UserError, match="other settings.*a differ.*--fresh"):
+        Workspace(root, {"a": 2})
+    fresh = Workspace(root, {"a": 2}, fresh=True)
+    assert not fresh.is_done("one")
+    env = fresh.env()
+    assert env["nnUNet_raw"] == str(fresh.raw) and Path(env["nnUNet_extTrainer"]).is_dir()
+
+
+def test_workspace_never_deletes_a_foreign_folder(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):
+        Workspace(foreign, {})
+    with pytest.raises(UserError, match="not made by nnunet-gmd"):
+        Workspace(foreign, {}, fresh=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_run_tool_logs_output_and_reports_failures_with_the_log(tmp_path, capsys):
+    log = tmp_path / "tool.log"
+    script = "import sys\nfor e in range(3):\n    print(f'2026-01-01 00:00:00.0: Epoch {e}')\n" \
+             "    print('Pseudo dice [np.float32(0.5), np.float32(0.25)]')\n    print('Epoch time: 0.1 s')\n"
+    run_tool([sys.executable, "-c", script], {}, log, "fake training", total_epochs=3)
+    assert sum(line.startswith("Epoch time") for line in log.read_text().splitlines()) == 3
+    shown = capsys.readouterr().err
+    assert "3/3" in shown and "pseudo Dice 0.5 0.25" in shown     # epoch bar and latest pseudo Dice
+    with pytest.raises(UserError) as e:
+        run_tool([sys.executable, "-c", "print('loading'); raise SystemExit('plans file is broken')"], {}, log,
+                 "fake planning")
+    assert "fake planning failed (exit code 1)" in str(e.value) and str(log) in str(e.value)
+    assert "plans file is broken" in str(e.value)
+    with pytest.raises(UserError, match="not installed"):
+        run_tool(["/nonexistent/nnUNetv2_train"], {}, log, "missing tool")
+
+
+def _report(path: Path, trainer: str, dice_of) -> Path:
+    subsets = []
+    for s in all_subsets(4):
+        subsets.append({"available": [CHANNELS[i] for i in s],
+                        "metrics": {r: {"dice": dice_of(s, r)} for r in REGIONS}})
+    report = {"trainer": trainer, "dataset": "Dataset991_X", "channels": CHANNELS, "regions": REGIONS,
+              "cases": ["c1"], "subsets": subsets, "mean": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_results_table_means_and_plot(tmp_path):
+    # Method A is perfect with all modalities and 0.5 otherwise; B is 0.6 everywhere; ET of B undefined on t1.
+    a = _report(tmp_path / "a.json", "A", lambda s, r: 1.0 if len(s) == 4 else 0.5)
+    b = _report(tmp_path / "b.json", "B", lambda s, r: None if (s == (0,) and r == "enhancing tumor") else 0.6)
+    results = Results([a, b], ["A", "B"])
+    assert results.dice.shape == (15, 3, 2)
+    means = results.means()
+    assert np.allclose(means["full set"][:, 0], 1.0)
+    assert np.allclose(means["missing modalities"][:, 0], 0.5)
+    assert np.allclose(means["all subsets"][:, 0], (14 * 0.5 + 1.0) / 15)
+    assert np.allclose(means["missing modalities"][:, 1], 0.6)   # the undefined value is skipped, not zero
+    paths = results.write(tmp_path / "out", "bench", "test", ["8 training cases"])
+    md = paths["md"].read_text()
+    assert "| A | 0.500 | 0.500 | 0.500 |" not in md          # first columns are the all-subsets means
+    assert "| t1+t1ce+t2+flair | **1.000** | 0.600 |" in md
+    assert "| t1 | 0.500 | **0.600** | 0.500 | **0.600** | **0.500** | n/a |" in md
+    rows = paths["csv"].read_text().splitlines()
+    assert rows[0] == "available,n_available,region,method,dice" and len(rows) == 1 + 15 * 3 * 2
+    data = json.loads(paths["json"].read_text())
+    assert data["mean_dice"]["missing modalities"]["A"]["mean"] == 0.5
+    assert data["dice"]["t1"]["enhancing tumor"]["B"] is None
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not math.isnan(data["mean_dice"]["all subsets"]["B"]["enhancing tumor"])
