@@ -108,6 +108,21 @@ def nnunet_paths(tiny_nnunet, monkeypatch) -> Workspace:
     return tiny_nnunet
 
 
+GMD_SMOKE = "nnUNetTrainerGMD_smoke"
+GMD_SMOKE_FOLD = 1  # fold 0 of this trainer belongs to test_nnunet_trainers.py's resume test
+
+
+@pytest.fixture(scope="session")
+def trained_gmd_smoke(tiny_nnunet) -> Path:
+    """``nnUNetv2_train ... -tr nnUNetTrainerGMD_smoke -device cpu`` on fold 1, run once per session."""
+    folder = tiny_nnunet.model_folder(GMD_SMOKE)
+    if "gmd" not in _WORKSPACE:
+        run_tool(["nnUNetv2_train", str(DATASET_ID), CONFIG, str(GMD_SMOKE_FOLD), "-tr", GMD_SMOKE, "-device", "cpu"],
+                 tiny_nnunet.env(NNUNET_GMD_FINAL_VALIDATION="0"), timeout=900)
+        _WORKSPACE["gmd"] = tiny_nnunet
+    return folder
+
+
 def write_split(ws: Workspace, n_splits: int = 5) -> list[dict]:
     """``splits_final.json`` as nnU-Net's trainer writes it (its own cross-validation split function)."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split

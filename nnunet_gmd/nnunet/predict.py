@@ -59,8 +59,14 @@ def resolve_dataset_name(dataset: str) -> str:
     """``"501"`` or ``"Dataset501_X"`` -> ``"Dataset501_X"``, with a one-line error when nnU-Net knows no such id."""
     try:
         return maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"dataset {dataset!r}: {str(e).splitlines()[0]}") from None
+    except ValueError:
+        raise UserError(f"-d {dataset!r} is neither a dataset id nor a DatasetXXX_Name") from None
+    except RuntimeError as e:
+        if "More than one" in str(e):
+            raise UserError(f"dataset id {dataset} is used by more than one dataset folder; rename one") from None
+        where = ", ".join(f"{k}={os.environ.get(k) or '(unset)'}"
+                          for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+        raise UserError(f"no dataset with id {dataset} in {where}") from None
 
 
 def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
