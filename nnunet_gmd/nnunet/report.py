@@ -201,14 +201,11 @@ def load_report(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- comparison
 def comparison_labels(reports: Sequence[dict], paths: Sequence[Path]) -> list[str]:
     """Trainer names, made unique with the report's folder name where two reports share a trainer."""
-    labels = [r["trainer"] for r in reports]
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} ({Path(paths[i]).resolve().parent.name})"
-    for i, label in enumerate(labels):  # still clashing (same folder name): number them
-        if labels.count(label) > 1:
-            labels[i] = f"{label} #{i + 1}"
-    return labels
+    trainers = [r["trainer"] for r in reports]
+    labels = [f"{t} ({Path(p).resolve().parent.name})" if trainers.count(t) > 1 else t
+              for t, p in zip(trainers, paths)]
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label  # same folder name too: number them
+            for i, label in enumerate(labels)]
 
 
 def check_comparable(reports: Sequence[dict], paths: Sequence[Path]) -> None:
