@@ -20,7 +20,8 @@ from nnunet_gmd.monai import (MODALITIES, ApplySubsetd, AvailabilitySlidingWindo
                               GMDIterationUpdate, MissingModalityReport, PolyLRHandler, RegionsToBratsLabelsd,
                               StackModalitiesd, expand_subsets, load_cases, split_train_val)
 from nnunet_gmd.monai.gmd_update import CONFLICTS_KEY, training_scalars
-from nnunet_gmd.monai.io import case_name_formatter, write_json_atomic
+from nnunet_gmd.monai.io import case_name_formatter
+from nnunet_gmd.nnunet.report import check_comparable, load_report
 from nnunet_gmd.networks import DSUNet
 from nnunet_gmd.subsets import SubsetSampler, all_subsets
 
@@ -173,16 +174,9 @@ def test_regions_to_brats_labels_inverts_monai_region_conversion():
         RegionsToBratsLabelsd(keys="pred")({"pred": regions[:2]})
 
 
-def test_case_name_formatter_and_atomic_json(tmp_path):
+def test_case_name_formatter():
     assert case_name_formatter({"case": "Brats18_x", "filename_or_obj": "/a/b_t1.nii.gz"}, None)["subject"] == "Brats18_x"
     assert case_name_formatter({"filename_or_obj": "/a/b_t1.nii.gz"}, None)["subject"] == "/a/b_t1.nii.gz"
-    path = write_json_atomic(tmp_path / "sub" / "r.json", {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
-    with pytest.raises(ValueError):
-        write_json_atomic(path, {"a": float("nan")})
-    assert json.loads(path.read_text()) == {"a": 1}  # a failed write leaves the old file intact
-    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
 # ----------------------------------------------------------------------------------------------- inferer
@@ -281,7 +275,7 @@ def test_poly_lr_handler_sets_the_rate_from_epoch_and_max_epochs():
 
 # ----------------------------------------------------------------------------------------------- report
 def test_report_dice_values_schema_and_order(tmp_path):
-    report = MissingModalityReport(tmp_path / "r.json", trainer="T", dataset="D")
+    report = MissingModalityReport(tmp_path / "out", trainer="T", dataset="D")
     label = torch.zeros(3, 4, 4, 4)
     label[:, :2] = 1  # 32 voxels per region
     pred = torch.zeros(3, 4, 4, 4)
@@ -291,8 +285,12 @@ def test_report_dice_values_schema_and_order(tmp_path):
     report.add("t1+flair", "c2", label.clone(), label)
     report.add("t1", "c1", torch.zeros(3, 4, 4, 4), torch.zeros(3, 4, 4, 4))  # both empty: 1 (BraTS)
     path = report.write()
-    content = json.loads(path.read_text())
+    assert path == tmp_path / "out" / "missing_modality_report.json"
+    assert {p.suffix for p in path.parent.iterdir()} == {".json", ".csv", ".md", ".png"}
+    content = load_report(path)  # the nnU-Net path's reader accepts it
     assert content["trainer"] == "T" and content["dataset"] == "D" and content["channels"] == list(MODALITIES)
+    assert content["regions"] == ["whole tumor", "tumor core", "enhancing tumor"] and content["cases"] == ["c1", "c2"]
+    check_comparable([content, content], [path, path])
     assert [s["available"] for s in content["subsets"]] == [["t1"], ["t1", "flair"]]  # all_subsets order
     both = content["subsets"][1]["metrics"]
     assert list(both) == ["whole tumor", "tumor core", "enhancing tumor"]

@@ -1,9 +1,12 @@
 """Training handlers that MONAI lacks in the form GMD training needs."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class PolyLRHandler:
@@ -35,4 +38,4 @@ class PolyLRHandler:
         lr = self.learning_rate(engine.state.epoch - 1, engine.state.max_epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        engine.logger.info(f"Current learning rate: {lr:.6g}")
+        logger.info("epoch %d: learning rate %.6g", engine.state.epoch, lr)

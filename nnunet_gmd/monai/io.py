@@ -1,10 +1,6 @@
-"""Small output helpers: name segmentations after the case, write JSON files atomically."""
+"""Output naming: segmentations are named after the case, not after one of its sequence files."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from monai.data.folder_layout import default_name_formatter
@@ -20,21 +16,3 @@ def case_name_formatter(metadict: dict, saver: Any) -> dict:
     if not case:
         return default_name_formatter(metadict, saver)
     return {"subject": str(case), "idx": None}
-
-
-def write_json_atomic(path: str | os.PathLike, content: Any) -> Path:
-    """Write ``content`` as JSON to ``path`` via a temporary file and ``os.replace``: never a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target

@@ -7,7 +7,8 @@ The schema is shared with the nnU-Net path so both can be compared and plotted b
      "mean": {region: {"dice": mean over subsets}}}
 
 Dice follows the BraTS convention for empty regions: 1 when both prediction and reference are empty, 0 when
-only one is, so every case counts and the file never holds NaN.
+only one is, so every case counts and the file never holds NaN. The files (JSON, CSV, Markdown, heatmap) are
+written by the nnU-Net path's own writer, so ``nnunet-gmd`` reads and compares both kinds of report alike.
 """
 from __future__ import annotations
 
@@ -21,27 +22,26 @@ from monai.metrics import compute_dice
 
 from nnunet_gmd.monai.brats import MODALITIES, REGION_KEYS, REGION_NAMES
 from nnunet_gmd.monai.data import CASE_KEY, SUBSET_KEY, CaseListError
-from nnunet_gmd.monai.io import write_json_atomic
+from nnunet_gmd.nnunet.report import write_report
 from nnunet_gmd.subsets import all_subsets, subset_name
 
-REPORT_FILENAME = "missing_modality_report.json"
 #: Region order in the report (independent of the network's channel order).
 REPORT_REGION_ORDER = ("wt", "tc", "et")
 
 
 class MissingModalityReport:
-    """Evaluator handler collecting per-(subset, case) Dice and writing the report when the run completes.
+    """Evaluator handler collecting per-(subset, case) Dice and writing the report into ``output_dir`` at the end.
 
     Expects each evaluated item to carry ``subset`` (e.g. ``"t1ce+flair"``) and ``case`` (see
     :func:`nnunet_gmd.monai.data.expand_subsets`), and binary region maps under ``pred``/``label`` in the
     region channel order ``region_keys``.
     """
 
-    def __init__(self, output_file: str | os.PathLike, trainer: str = "DSUNet+GMD (MONAI bundle)",
+    def __init__(self, output_dir: str | os.PathLike, trainer: str = "DSUNet+GMD (MONAI bundle)",
                  dataset: str = "", modalities: Sequence[str] = MODALITIES,
                  region_keys: Sequence[str] = REGION_KEYS, pred_key: str = "pred", label_key: str = "label",
                  subset_key: str = SUBSET_KEY, case_key: str = CASE_KEY) -> None:
-        self.output_file = Path(output_file)
+        self.output_dir = Path(output_dir)
         self.trainer = trainer
         self.dataset = dataset
         self.modalities = list(modalities)
@@ -102,10 +102,13 @@ class MissingModalityReport:
             for region in REPORT_REGION_ORDER:
                 values = [s["metrics"][REGION_NAMES[region]]["dice"] for s in subsets]
                 mean[REGION_NAMES[region]] = {"dice": sum(values) / len(values)}
-        return {"trainer": self.trainer, "dataset": self.dataset, "channels": list(self.modalities),
-                "subsets": subsets, "mean": mean}
+        cases = list(dict.fromkeys(case for per_case in self.scores.values() for case in per_case))
+        return {"trainer": self.trainer, "dataset": self.dataset, "network": "dynamic sharing",
+                "channels": list(self.modalities), "regions": [REGION_NAMES[r] for r in REPORT_REGION_ORDER],
+                "cases": cases, "subsets": subsets, "mean": mean}
 
     def write(self, engine: Optional[Any] = None) -> Path:
+        """Write ``missing_modality_report.{json,csv,md,png}``; returns the JSON's path."""
         if not self.scores:
             raise CaseListError("the evaluation scored no case; nothing to report")
-        return write_json_atomic(self.output_file, self.report())
+        return write_report(self.report(), self.output_dir)["json"]
