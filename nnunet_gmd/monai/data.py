@@ -152,8 +152,9 @@ def load_cases(dataset_dir: str | os.PathLike, datalist_file: Optional[str | os.
                                 f"at least one is needed")
         if require_all and len(present) < len(modalities):
             missing = [m for m in modalities if m not in case]
-            raise CaseListError(f"{source}: case {name!r} lacks {', '.join(missing)}; training needs all of "
-                                f"{', '.join(modalities)} (GMD simulates the missing ones)")
+            raise CaseListError(f"{source}: case {name!r} lacks {', '.join(missing)}; training and the per-subset "
+                                f"evaluation need all of {', '.join(modalities)} (they switch sequences off "
+                                f"themselves)")
         if require_label and LABEL_KEY not in case:
             raise CaseListError(f"{source}: case {name!r} has no label file (expected <case>_seg.nii.gz or a "
                                 f"'label' entry)")
