@@ -4,8 +4,9 @@ Figures, not a test: each method runs in a fresh subprocess so that its peak mem
 optimiser, batch) is its own, and the median of several timed steps after a warm-up is reported.
 
 * ``plain_s``: a mean-loss step (one forward, the mean of the subset losses, one backward, Adam).
-* ``reference_s``: the literal reference (official-style: one folded forward, K full backward passes,
-  flattened copies, pair loops).
+* ``reference_s``: the literal reference (the official code's loop: K ``autograd.grad`` calls, flattened
+  copies, projected copies, pair loops) on the same branch graphs, so "parameters every loss reaches" means
+  the same for both.
 * ``gmd_s`` / ``gmd_k5_s``: :func:`nnunet_gmd.gmd.ds_gmd_backward` over all subsets / 5 sampled ones.
 * ``floor_s``: one forward plus the per-subset VJPs that ``gmd_s`` needs, nothing else.
 """
@@ -64,8 +65,8 @@ def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
 
     def reference():
         opt.zero_grad(set_to_none=True)
-        outs = net.forward_branches(x)
-        losses = [loss([o[list(s)].mean(0) for o in outs]) for s in subsets]
+        outputs = gmd.ds_branch_outputs(net, x)  # branch graphs, so "reached" means the same as for GMD
+        losses = [loss(gmd._fused(outputs, s)) for s in subsets]
         grads = reference_gmd_grads(losses, params, gmd.draw_orders(len(subsets), generator))
         for p, g in zip(params, grads):
             p.grad = g
@@ -136,8 +137,8 @@ def accuracy(cfg: dict) -> float:
     params = list(net.parameters())
     gmd.ds_gmd_backward(net, x, subsets, loss, generator=torch.Generator().manual_seed(7))
     fast = [p.grad for p in params]
-    outs = net.forward_branches(x)
-    losses = [loss([o[list(s)].mean(0) for o in outs]) for s in subsets]
+    outputs = gmd.ds_branch_outputs(net, x)
+    losses = [loss(gmd._fused(outputs, s)) for s in subsets]
     ref = reference_gmd_grads(losses, params, gmd.draw_orders(len(subsets), torch.Generator().manual_seed(7)))
     num = max(float((f - r).abs().max()) for f, r in zip(fast, ref) if r is not None)
     den = max(float(r.abs().max()) for r in ref if r is not None)

@@ -129,3 +129,23 @@ def test_scripted_export_keeps_the_mask_a_runtime_input():
         torch.testing.assert_close(exported(x, mask), net(x, mask))
     assert not torch.allclose(exported(x, torch.tensor([True, False, False, False])),
                               exported(x, torch.tensor([False, True, False, False])))
+
+
+def test_fused_instance_norm_equals_norm_then_per_modality_affine():
+    from nnunet_gmd.networks.ds_unet import ModalityNorm
+
+    torch.manual_seed(0)
+    fused = ModalityNorm(5, 3, nn.InstanceNorm3d, {"eps": 1e-5})
+    for affine in fused.affines:
+        nn.init.normal_(affine.weight)
+        nn.init.normal_(affine.bias)
+    generic = ModalityNorm(5, 3, nn.InstanceNorm3d, {"eps": 1e-5})
+    generic.load_state_dict(fused.state_dict())
+    generic.fused_instance_norm = False
+    assert fused.fused_instance_norm
+    x = torch.randn(6, 5, 4, 4, 4)
+    counts = [2, 0, 4]  # rows 0-1 modality 0, rows 2-5 modality 2
+    torch.testing.assert_close(fused(x, counts), generic(x, counts), rtol=1e-5, atol=1e-5)
+    expected = nn.functional.instance_norm(x[2:3]) * fused.affines[2].weight.view(1, 5, 1, 1, 1) \
+        + fused.affines[2].bias.view(1, 5, 1, 1, 1)
+    torch.testing.assert_close(fused(x, counts)[2:3], expected, rtol=1e-5, atol=1e-5)
