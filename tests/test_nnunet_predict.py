@@ -12,12 +12,12 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_gmd.cli import UserError, main
-from nnunet_helpers import (CONFIG, DATASET_ID, DS_TRAINER, STOCK_TRAINER, ds_model,  # noqa: F401
-                            make_input_folder, nnunet_paths, run_tool, stock_model, tiny_nnunet)
+from nnunet_helpers import (CONFIG, DATASET_ID, DS_TRAINER, STOCK_TRAINER, assert_same_prediction,  # noqa: F401
+                            ds_model, make_input_folder, nnunet_paths, stock_model, tiny_nnunet)
 
 STOCK = STOCK_TRAINER
 CASES = ["Phantom_000", "Phantom_001"]
-FAST = ["-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar"]
+FAST = ["-npp", "0", "-nps", "0", "-device", "cpu", "--disable_progress_bar", "--disable_tta"]
 
 
 def _predict_args(inp: Path, out: Path, trainer: str, *extra: str) -> list[str]:
@@ -34,29 +34,13 @@ def _seg(folder: Path, case: str) -> np.ndarray:
 
 
 def _nnunet_predictor(folder: Path):
-    """nnU-Net's own predictor on the same model, for reference outputs."""
+    """nnU-Net's own predictor on the same model (no mirroring, like FAST), for reference outputs."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False)
     predictor.initialize_from_trained_model_folder(str(folder), [0])
     return predictor
-
-
-def test_all_channels_equal_nnunetv2_predict(nnunet_paths, ds_model, tmp_path):
-    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES)
-    run_tool(["nnUNetv2_predict", "-i", str(inp), "-o", str(tmp_path / "ref"), "-d", str(DATASET_ID), "-c", CONFIG,
-              "-f", "0", "-tr", DS_TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0",
-              "--save_probabilities"], nnunet_paths.env(), timeout=300)
-    assert main(_predict_args(inp, tmp_path / "ours", DS_TRAINER)) == 0
-    for case in CASES:
-        np.testing.assert_array_equal(_seg(tmp_path / "ours", case), _seg(tmp_path / "ref", case))
-        np.testing.assert_array_equal(_probs(tmp_path / "ours", case), _probs(tmp_path / "ref", case))
-        ref_img = sitk.ReadImage(str(tmp_path / "ref" / f"{case}.nii.gz"))
-        our_img = sitk.ReadImage(str(tmp_path / "ours" / f"{case}.nii.gz"))
-        assert our_img.GetSpacing() == ref_img.GetSpacing() and our_img.GetOrigin() == ref_img.GetOrigin()
-    produced = {p.name for p in (tmp_path / "ours").iterdir()}
-    assert {p.name for p in (tmp_path / "ref").iterdir()} <= produced  # same files, plus the availability record
 
 
 def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
@@ -82,7 +66,7 @@ def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
     files = [[str(full / f"{case}_{c:04d}.nii.gz") for c in range(4)]]
     (tmp_path / "ref_off").mkdir()
     predictor.predict_from_files_sequential(files, [str(tmp_path / "ref_off" / case)], save_probabilities=True)
-    np.testing.assert_array_equal(ours, _probs(tmp_path / "ref_off", case))
+    assert_same_prediction(tmp_path / "ours", tmp_path / "ref_off", case)
 
     # Reference 2: the same zeros fed through all four branches (what zero-filling would do) give other logits.
     zeros = sitk.GetImageFromArray(np.zeros(head.shape, np.float32))
@@ -91,13 +75,13 @@ def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
     predictor.network.set_default_available(None)
     (tmp_path / "ref_zero").mkdir()
     predictor.predict_from_files_sequential(files, [str(tmp_path / "ref_zero" / case)], save_probabilities=True)
-    assert np.abs(ours - _probs(tmp_path / "ref_zero", case)).max() > 1e-3
+    assert np.abs(ours - _probs(tmp_path / "ref_zero", case)).max() > 0.05
 
     # And the forced subset on complete input is the same as the absent file.
     make_input_folder(nnunet_paths, tmp_path / "complete", [case])
     assert main(_predict_args(tmp_path / "complete", tmp_path / "forced", DS_TRAINER,
                               "--available", "T1,t1ce,t2")) == 0
-    np.testing.assert_array_equal(ours, _probs(tmp_path / "forced", case))
+    assert_same_prediction(tmp_path / "forced", tmp_path / "ours", case)
     record = (tmp_path / "ours" / "modality_availability.json").read_text()
     assert '"t1ce"' in record and '"flair"' not in record
 
@@ -107,7 +91,7 @@ def test_stock_model_gets_zero_filled_channels_and_a_warning(nnunet_paths, stock
 
     case = CASES[1]
     make_input_folder(nnunet_paths, tmp_path / "missing", [case], drop=[0, 2])
-    predictor = load_predictor(stock_model, [0], device="cpu", allow_tqdm=False)
+    predictor = load_predictor(stock_model, [0], device="cpu", use_mirroring=False, allow_tqdm=False)
     cases = find_cases(tmp_path / "missing", ".nii.gz", ["t1", "t1ce", "t2", "flair"])
     with pytest.warns(UserWarning, match="zero-filled"):
         used = predict_cases(predictor, cases, tmp_path / "ours", save_probabilities=True,
@@ -124,7 +108,7 @@ def test_stock_model_gets_zero_filled_channels_and_a_warning(nnunet_paths, stock
     (tmp_path / "ref").mkdir()
     reference.predict_from_files_sequential([[str(full / f"{case}_{c:04d}.nii.gz") for c in range(4)]],
                                             [str(tmp_path / "ref" / case)], save_probabilities=True)
-    np.testing.assert_array_equal(_probs(tmp_path / "ours", case), _probs(tmp_path / "ref", case))
+    assert_same_prediction(tmp_path / "ours", tmp_path / "ref", case)
 
 
 def test_continue_prediction_skips_finished_cases(nnunet_paths, stock_model, tmp_path):
