@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="run settings (default demo)")
     p.add_argument("--cases", type=_positive, default=12, help="phantoms to generate (default 12)")
     p.add_argument("--test-cases", type=_positive, default=3, help="of which held out for testing (default 3)")
-    p.add_argument("--size", type=_positive, default=40, help="phantom edge length in voxels at 1 mm (default 40)")
+    p.add_argument("--size", type=_positive, default=32, help="phantom edge length in voxels at 1 mm (default 32)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.set_defaults(func=_demo)
 

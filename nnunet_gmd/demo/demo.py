@@ -29,7 +29,7 @@ class DemoData:
 
     n_cases: int = 12
     n_test: int = 3
-    size: int = 40
+    size: int = 32
     seed: int = 0
 
     def check(self) -> None:

@@ -1,6 +1,6 @@
 """Plan and preprocess with nnU-Net's own tools, and pin the train/test split.
 
-Reduced settings use only nnU-Net's plans mechanism: ``nnUNetv2_plan_experiment -overwrite_target_spacing
+Reduced settings use only nnU-Net's plans mechanism: ``nnUNetv2_plan_and_preprocess -overwrite_target_spacing
 -gpu_memory_target -overwrite_plans_name`` for the resolution and patch size, then a named configuration in the
 plans file that ``inherits_from`` 3d_fullres and overrides only the network width (as nnU-Net's plans
 documentation describes). It shares 3d_fullres' preprocessed data, and every trainer reads it like any other
@@ -19,30 +19,26 @@ from nnunet_gmd.demo.tools import run_tool, tool
 from nnunet_gmd.demo.workspace import Workspace, write_json_atomic
 
 
-def _workers(preset: Preset) -> str:
-    return "1" if preset.cpu_friendly else "4"
-
-
 def plan_and_preprocess(ws: Workspace, dataset_id: int, dataset_name: str, preset: Preset) -> Path:
-    """Fingerprint, plan (with the preset's overrides) and preprocess 3d_fullres; returns the plans file."""
-    env = ws.env()
-    d = str(dataset_id)
-    run_tool([tool("nnUNetv2_extract_fingerprint"), "-d", d, "-np", _workers(preset)], env,
-             ws.logs / "plan_and_preprocess.log", "nnU-Net fingerprint")
-    plan = [tool("nnUNetv2_plan_experiment"), "-d", d]
+    """``nnUNetv2_plan_and_preprocess`` for 3d_fullres with the preset's overrides; returns the plans file.
+
+    One process for fingerprint, planning and preprocessing (process start-up is a large share on a small CPU).
+    The narrow configuration is added afterwards: it shares 3d_fullres' preprocessed data.
+    """
+    workers = "1" if preset.cpu_friendly else "4"
+    command = [tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", workers,
+               "-npfp", workers]
     if preset.target_spacing_mm:
-        plan += ["-overwrite_target_spacing"] + [str(float(preset.target_spacing_mm))] * 3
+        command += ["-overwrite_target_spacing"] + [str(float(preset.target_spacing_mm))] * 3
     if preset.gpu_memory_target_gb:
-        plan += ["-gpu_memory_target", str(preset.gpu_memory_target_gb)]
+        command += ["-gpu_memory_target", str(preset.gpu_memory_target_gb)]
     if preset.plans_name != "nnUNetPlans":
-        plan += ["-overwrite_plans_name", preset.plans_name]
-    run_tool(plan, env, ws.logs / "plan_and_preprocess.log", "nnU-Net planning")
+        command += ["-overwrite_plans_name", preset.plans_name]
+    run_tool(command, ws.env(), ws.logs / "plan_and_preprocess.log", "nnU-Net plan and preprocess")
     plans_file = ws.preprocessed / dataset_name / f"{preset.plans_name}.json"
     if preset.derived_configuration:
         add_narrow_configuration(plans_file, preset.derived_configuration, preset.base_features,
                                  preset.max_features)
-    run_tool([tool("nnUNetv2_preprocess"), "-d", d, "-plans_name", preset.plans_name, "-c", "3d_fullres",
-              "-np", _workers(preset)], env, ws.logs / "plan_and_preprocess.log", "nnU-Net preprocessing")
     return plans_file
 
 

@@ -68,17 +68,19 @@ class Preset:
         return asdict(self)
 
 
-# Reduced-resolution CPU settings (plans "nnUNetPlans_cpu", configuration "3d_small").
-_CPU = dict(plans_name="nnUNetPlans_cpu", configuration="3d_small", gpu_memory_target_gb=1.0, base_features=16,
-            max_features=128, tta=False, hd95=False, cpu_friendly=True)
+# Reduced CPU settings (plans "nnUNetPlans_cpu", configuration "3d_small"). The memory target is what nnU-Net's
+# planner sizes the patch by (for its default width): 0.15 GB gives 32 x 40 x 32 voxels on BraTS at 3 mm, about
+# 96 x 120 x 96 mm; the phantoms fit into one patch at 1 GB.
+_CPU = dict(plans_name="nnUNetPlans_cpu", configuration="3d_small", base_features=16, max_features=128, tta=False,
+            hd95=False, cpu_friendly=True)
 
 PRESETS: dict[str, Preset] = {
     # The demo: phantoms at their native 1 mm, a narrow network, about 15 minutes on 2 CPU cores.
-    "demo": Preset("demo", Budget(20, 20, 2), target_spacing_mm=1.0, **_CPU),
+    "demo": Preset("demo", Budget(8, 12, 2), target_spacing_mm=1.0, gpu_memory_target_gb=1.0, **_CPU),
     # Tiny end-to-end check (CI): the pipeline runs, nothing is learned.
-    "smoke": Preset("smoke", Budget(1, 2, 1), target_spacing_mm=3.0, **_CPU),
+    "smoke": Preset("smoke", Budget(1, 2, 1), target_spacing_mm=3.0, gpu_memory_target_gb=0.15, **_CPU),
     # Real BraTS on a 2-core CPU in about 90 minutes: 3 mm, narrow network, short budget.
-    "cpu": Preset("cpu", Budget(30, 25, 2), target_spacing_mm=3.0, **_CPU),
+    "cpu": Preset("cpu", Budget(30, 25, 2), target_spacing_mm=3.0, gpu_memory_target_gb=0.15, **_CPU),
     # Full nnU-Net settings (GPU): default plans, 1000 x 250 training, mirroring TTA, HD95.
     "full": Preset("full", Budget(1000, 250, 50)),
 }
