@@ -111,6 +111,16 @@ def test_stock_model_gets_zero_filled_channels_and_a_warning(nnunet_paths, stock
     assert_same_prediction(tmp_path / "ours", tmp_path / "ref", case)
 
 
+def test_cli_warns_in_one_line_when_zero_filling(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1], drop=[2])
+    assert main(_predict_args(inp, tmp_path / "out", STOCK)) == 0
+    captured = capsys.readouterr()
+    assert [ln for ln in captured.err.splitlines() if "warning" in ln] == [
+        f"nnunet-gmd predict: warning: {STOCK} does not use a Dynamic Sharing network and cannot switch branches "
+        "off: the absent channels of 1 case(s) are zero-filled"]
+    assert f"{CASES[0]}: t1+t1ce+flair" in captured.out and "zero-filled" in captured.out
+
+
 def test_continue_prediction_skips_finished_cases(nnunet_paths, stock_model, tmp_path):
     inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
     out = tmp_path / "out"

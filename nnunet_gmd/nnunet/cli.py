@@ -6,8 +6,12 @@ Options that ``nnUNetv2_predict`` has keep its spelling (``-step_size``, ``-npp`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from nnunet_gmd.nnunet import ext_trainer_path
 
@@ -49,6 +53,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: cuda when available, else cpu")
 
 
+@contextlib.contextmanager
+def _plain_warnings(command: str) -> Iterator[None]:
+    """Show our UserWarnings (e.g. "channels are zero-filled") as one line, without Python's source echo."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and not issubclass(category, (DeprecationWarning, FutureWarning)):
+            print(f"nnunet-gmd {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    original = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def _device(args: argparse.Namespace) -> str:
     if args.device:
         return args.device
@@ -75,9 +96,10 @@ def _predict(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"--available: {e}") from None
     cases = find_cases(Path(args.i), predictor.dataset_json["file_ending"], names)
-    used = predict_cases(predictor, cases, Path(args.o), forced=forced, overwrite=not args.continue_prediction,
-                         save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
-                         num_processes_segmentation_export=args.nps, progress=not args.disable_progress_bar)
+    with _plain_warnings("predict"):
+        used = predict_cases(predictor, cases, Path(args.o), forced=forced, overwrite=not args.continue_prediction,
+                             save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
+                             num_processes_segmentation_export=args.nps, progress=not args.disable_progress_bar)
     full = tuple(range(len(names)))
     partial = {c: s for c, s in used.items() if s != full}
     how = "switched off" if ds_network(predictor) is not None else "zero-filled"
@@ -96,10 +118,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     out_dir = Path(args.o) if args.o else folder / f"fold_{args.fold}" / "missing_modality"
     predictor = load_predictor(folder, [args.fold], args.checkpoint, _device(args), args.step_size,
                                not args.disable_tta, allow_tqdm=False)
-    report = evaluate_missing_modalities(
-        predictor, folder, resolve_dataset_name(args.dataset), args.configuration, args.fold, out_dir,
-        checkpoint=args.checkpoint, with_hd95=not args.no_hd95, num_processes_preprocessing=args.npp,
-        num_processes_segmentation_export=args.nps)
+    with _plain_warnings("evaluate"):
+        report = evaluate_missing_modalities(
+            predictor, folder, resolve_dataset_name(args.dataset), args.configuration, args.fold, out_dir,
+            checkpoint=args.checkpoint, with_hd95=not args.no_hd95, num_processes_preprocessing=args.npp,
+            num_processes_segmentation_export=args.nps)
     paths = write_report(report, out_dir)
     print(to_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

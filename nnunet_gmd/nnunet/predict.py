@@ -235,6 +235,9 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
     each case was predicted from. With both process counts 0 nnU-Net's sequential predictor is used (no worker
     processes), like ``nnUNetv2_predict -npp 0 -nps 0``.
     """
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise UserError("cascade configurations take the previous stage's segmentation as extra input channels; "
+                        "missing-modality prediction supports full-resolution and 2d configurations")
     dataset_json = predictor.dataset_json
     names = channel_names(dataset_json)
     num_channels = len(names)
