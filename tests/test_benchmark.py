@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from nnunet_gmd.demo.benchmark import run_benchmark
 from nnunet_gmd.demo.phantoms import write_brats_like_cases
 from nnunet_gmd.demo.pipeline import parse_methods
 from nnunet_gmd.demo.presets import PRESETS
+from nnunet_gmd.demo.tools import nnunet_gmd_command
 
 BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2018"
 TRAIN_CASES = ("Brats18_2013_11_1", "Brats18_CBICA_ABM_1")
@@ -73,9 +73,9 @@ def test_benchmark_smoke_on_real_brats_cases(tmp_path):
     test = _link_cases(tmp_path / "test", [TEST_CASE])
     out = tmp_path / "bench"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "NNUNET_GMD_"))}
-    proc = subprocess.run([sys.executable, "-m", "nnunet_gmd.cli", "benchmark", "brats", "--train", str(train),
-                           "--test", str(test), "-o", str(out), "--preset", "smoke", "--methods", "dropout",
-                           "gmd_k5", "-device", "cpu"], capture_output=True, text=True, timeout=1200, env=env)
+    proc = subprocess.run(nnunet_gmd_command("benchmark", "brats", "--train", str(train), "--test", str(test),
+                                             "-o", str(out), "--preset", "smoke", "--methods", "dropout", "gmd_k5",
+                                             "-device", "cpu"), capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     results = json.loads((out / "benchmark_results.json").read_text())

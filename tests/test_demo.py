@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from nnunet_gmd.demo.tools import nnunet_gmd_command
 
 SMOKE = ["--cases", "3", "--test-cases", "1", "--size", "32", "--epochs", "1", "--iterations", "2",
          "--val-iterations", "1", "-device", "cpu"]
@@ -21,7 +21,7 @@ SMOKE = ["--cases", "3", "--test-cases", "1", "--size", "32", "--epochs", "1", "
 def _nnunet_gmd(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "NNUNET_GMD_"))}
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
-    return subprocess.run([sys.executable, "-m", "nnunet_gmd.cli", *args], capture_output=True, text=True,
+    return subprocess.run(nnunet_gmd_command(*args), capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

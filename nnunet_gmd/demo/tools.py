@@ -30,8 +30,12 @@ def tool(name: str) -> str:
 
 
 def nnunet_gmd_command(*args: str) -> list[str]:
-    """``nnunet-gmd ARGS`` through the current interpreter."""
-    return [sys.executable, "-m", "nnunet_gmd.cli", *args]
+    """``nnunet-gmd ARGS`` through the current interpreter.
+
+    Not ``python -m nnunet_gmd.cli``: that runs cli.py as ``__main__``, a second copy of the module whose
+    ``UserError`` is not the one the commands raise, so errors would end in a traceback.
+    """
+    return [sys.executable, "-c", "import sys; from nnunet_gmd.cli import main; sys.exit(main())", *args]
 
 
 def _short(line: str, width: int = 60) -> str:
