@@ -35,7 +35,7 @@ from nnunet_gmd.cli import UserError
 from nnunet_gmd.networks import DSUNet
 from nnunet_gmd.nnunet import ext_trainer_path
 from nnunet_gmd.nnunet.files import nifti_problem, write_json_atomic
-from nnunet_gmd.subsets import Subset, subset_mask, subset_name
+from nnunet_gmd.subsets import Subset, subset_mask
 
 AVAILABILITY_FILE = "modality_availability.json"
 
@@ -296,13 +296,19 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
             if ds is not None:
                 ds.set_default_available(None)
 
-    record_path = output_dir / AVAILABILITY_FILE
-    record = json.loads(record_path.read_text()) if record_path.is_file() and not overwrite else {}
-    record.update({
-        "trainer": predictor.trainer_name,
-        "absent_channels": "switched off (Dynamic Sharing)" if ds is not None else "zero-filled (not a DS network)",
-    })
-    record.setdefault("cases", {}).update(
-        {case_id: subset_name(subset, names, sep=",").split(",") for case_id, subset in available.items()})
-    write_json_atomic(record_path, record)
+    _record_availability(output_dir / AVAILABILITY_FILE, predictor.trainer_name, ds is not None,
+                         {case_id: [names[i] for i in subset] for case_id, subset in available.items()})
     return available
+
+
+def _record_availability(path: Path, trainer: str, is_ds: bool, cases: dict[str, list[str]]) -> None:
+    """Which channels each prediction in the folder was made from (merged with earlier runs into the folder)."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        record = {}
+    record["trainer"] = trainer
+    record["absent_channels"] = "switched off (Dynamic Sharing)" if is_ds else "zero-filled (not a DS network)"
+    record.setdefault("cases", {}).update(cases)
+    record["cases"] = dict(sorted(record["cases"].items()))
+    write_json_atomic(path, record)
