@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_helpers import CONFIG, DATASET_ID, DATASET_NAME, run_tool, tiny_nnunet, nnunet_paths  # noqa: F401
+from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, nnunet_paths,  # noqa: F401
+                            run_tool, tiny_nnunet, trained_gmd_smoke)
 
 from nnunet_gmd.networks import DSUNet
 from nnunet_gmd.subsets import all_subsets, subset_mask
@@ -95,30 +96,29 @@ def test_k5_trainer_draws_five_subsets(nnunet_paths):
 
 
 @pytest.mark.slow
-def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnunet):
+def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnunet, trained_gmd_smoke):
+    """Reuses the session's ``nnUNetv2_train -tr nnUNetTrainerGMD_smoke`` run (2 epochs), then resumes it."""
     ws = tiny_nnunet
-    trainer = "nnUNetTrainerGMD_smoke"
-    fold = ws.model_folder(trainer) / "fold_0"
-    train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu"]
-
-    run_tool(train, ws.env(NNUNET_GMD_NUM_EPOCHS="1"), timeout=900)
+    fold = trained_gmd_smoke / f"fold_{GMD_SMOKE_FOLD}"
     first = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert first["current_epoch"] == 1
-    assert len(first["logging"]["gmd_conflicting_pairs"]) == 1
-    assert len(first["logging"]["gmd_modality_grad_norms"][0]) == 4
+    done = first["current_epoch"]
+    assert done >= 2
+    assert len(first["logging"]["gmd_conflicting_pairs"]) == done
+    assert all(len(norms) == 4 for norms in first["logging"]["gmd_modality_grad_norms"])
     assert "subset_sampler" in first["nnunet_gmd_state"] and "gmd_generator" in first["nnunet_gmd_state"]
     assert (fold / "gmd_progress.png").stat().st_size > 1000 and (fold / "progress.png").is_file()
 
-    proc = run_tool(train + ["--c"], ws.env(NNUNET_GMD_NUM_EPOCHS="2"), timeout=900)
-    assert "Epoch 1" in proc.stdout and "Epoch 0\n" not in proc.stdout
+    train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, str(GMD_SMOKE_FOLD), "-tr", GMD_SMOKE, "-device", "cpu", "--c"]
+    proc = run_tool(train, ws.env(NNUNET_GMD_NUM_EPOCHS=str(done + 1), NNUNET_GMD_FINAL_VALIDATION="1"), timeout=900)
+    assert f"Epoch {done}" in proc.stdout and "Epoch 0\n" not in proc.stdout
     resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert resumed["current_epoch"] == 2
-    assert len(resumed["logging"]["gmd_conflicting_pairs"]) == 2
-    assert not torch.equal(resumed["network_weights"]["encoder.stages.0.blocks.0.conv.weight"],
-                           first["network_weights"]["encoder.stages.0.blocks.0.conv.weight"])
+    assert resumed["current_epoch"] == done + 1
+    assert len(resumed["logging"]["gmd_conflicting_pairs"]) == done + 1
+    key = "encoder.stages.0.blocks.0.conv.weight"
+    assert not torch.equal(resumed["network_weights"][key], first["network_weights"][key])
     assert not list(fold.glob("*.tmp"))
 
-    run_tool(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-f", "0",
-              "-np", "1"], ws.env(), timeout=600)
-    inference = (ws.results / DATASET_NAME / "inference_information.json")
-    assert trainer in inference.read_text()
+    run_tool(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", CONFIG, "-tr", GMD_SMOKE,
+              "-f", str(GMD_SMOKE_FOLD), "-np", "1"], ws.env(), timeout=600)
+    inference = ws.results / DATASET_NAME / "inference_information.json"
+    assert GMD_SMOKE in inference.read_text()

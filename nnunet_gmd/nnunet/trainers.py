@@ -24,7 +24,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_gmd.gmd import GMDStats, ds_gmd_backward, ds_subset_losses
 from nnunet_gmd.networks import DSUNet
-from nnunet_gmd.nnunet.baselines import apply_budget_from_env
+from nnunet_gmd.nnunet.baselines import OptionalFinalValidation, apply_budget_from_env
 from nnunet_gmd.nnunet.network import ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
@@ -33,8 +33,11 @@ CONFLICTS_KEY = "gmd_conflicting_pairs"
 GRAD_NORMS_KEY = "gmd_modality_grad_norms"
 
 
-class nnUNetTrainerDS(nnUNetTrainer):
-    """Dynamic Sharing network trained on the mean of the per-subset losses (no gradient decoupling)."""
+class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainer):
+    """Dynamic Sharing network trained on the mean of the per-subset losses (no gradient decoupling).
+
+    ``NNUNET_GMD_FINAL_VALIDATION=0`` skips nnU-Net's final validation (tests, benchmarks that evaluate anyway).
+    """
 
     width_factor: float = 0.5  # four half-width branches cost about one stock network
     subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
