@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nnunet_gmd.demo.workspace import write_json_atomic  # noqa: E402
+from nnunet_gmd.demo.workspace import publish, write_json_atomic  # noqa: E402
 from nnunet_gmd.nnunet.report import comparison_rows, load_report, regions_of, write_text_atomic  # noqa: E402
 
 SHORT_REGION = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
@@ -145,9 +145,14 @@ class Results:
         fig.tight_layout()
         fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".results.", suffix=".png")
         os.close(fd)
-        fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, dpi=110, format="png")
+            publish(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            plt.close(fig)
 
     def write(self, out_dir: Path, stem: str, title: str, details: Sequence[str] = (), extra: dict | None = None
               ) -> dict[str, Path]:

@@ -20,6 +20,18 @@ from nnunet_gmd.nnunet import ext_trainer_path
 SETTINGS_FILE = "settings.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temporary file normal permissions (mkstemp makes it 0600) and rename it into place."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON via a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
@@ -28,7 +40,7 @@ def write_json_atomic(path: Path, data) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 class Workspace:
