@@ -1,0 +1,6 @@
+"""``python -m nnunet_gmd ...`` is the ``nnunet-gmd`` command."""
+import sys
+
+from nnunet_gmd.cli import main
+
+sys.exit(main())
