@@ -98,8 +98,14 @@ def test_k5_trainer_draws_five_subsets(nnunet_paths):
 @pytest.mark.slow
 def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnunet, trained_gmd_smoke):
     """Reuses the session's ``nnUNetv2_train -tr nnUNetTrainerGMD_smoke`` run (2 epochs), then resumes it."""
+    import shutil
+
     ws = tiny_nnunet
-    fold = trained_gmd_smoke / f"fold_{GMD_SMOKE_FOLD}"
+    # resume a copy (as fold 2), so the session's trained model stays as other tests expect it
+    resume_fold = 2
+    fold = trained_gmd_smoke / f"fold_{resume_fold}"
+    shutil.rmtree(fold, ignore_errors=True)
+    shutil.copytree(trained_gmd_smoke / f"fold_{GMD_SMOKE_FOLD}", fold)
     first = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     done = first["current_epoch"]
     assert done >= 2
@@ -108,7 +114,7 @@ def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnun
     assert "subset_sampler" in first["nnunet_gmd_state"] and "gmd_generator" in first["nnunet_gmd_state"]
     assert (fold / "gmd_progress.png").stat().st_size > 1000 and (fold / "progress.png").is_file()
 
-    train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, str(GMD_SMOKE_FOLD), "-tr", GMD_SMOKE, "-device", "cpu", "--c"]
+    train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, str(resume_fold), "-tr", GMD_SMOKE, "-device", "cpu", "--c"]
     proc = run_tool(train, ws.env(NNUNET_GMD_NUM_EPOCHS=str(done + 1), NNUNET_GMD_FINAL_VALIDATION="1"), timeout=900)
     assert f"Epoch {done}" in proc.stdout and "Epoch 0\n" not in proc.stdout
     resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -119,6 +125,6 @@ def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnun
     assert not list(fold.glob("*.tmp"))
 
     run_tool(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", CONFIG, "-tr", GMD_SMOKE,
-              "-f", str(GMD_SMOKE_FOLD), "-np", "1"], ws.env(), timeout=600)
+              "-f", str(resume_fold), "-np", "1"], ws.env(), timeout=600)
     inference = ws.results / DATASET_NAME / "inference_information.json"
     assert GMD_SMOKE in inference.read_text()
