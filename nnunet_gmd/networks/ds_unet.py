@@ -167,7 +167,7 @@ class DSUNet(nn.Module):
 
     ``forward(x, available)`` takes ``x`` of shape ``(B, M, *spatial)`` and an optional boolean availability
     mask of shape ``(M,)`` or ``(B, M)`` (default: all available). It returns the fused logits, or a list of
-    them (highest resolution first) when deep supervision is on. ``forward_branches`` returns the per-branch
+    them (highest resolution first) when deep supervision is on. ``forward_branch_graphs`` returns the per-branch
     logits that GMD needs.
     """
 
@@ -266,18 +266,6 @@ class DSUNet(nn.Module):
         if self.decoder.deep_supervision:
             return fused
         return fused[0]
-
-    def forward_branches(self, x: Tensor) -> List[Tensor]:
-        """Per-branch logits with every modality on: one ``(M, B, C, *spatial)`` tensor per output scale.
-
-        Subset S's prediction is ``out[list(S)].mean(0)``; that is what GMD's per-subset losses are taken on.
-        """
-        b, m = x.shape[0], x.shape[1]
-        if m != self.num_modalities:
-            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {m}")
-        rows = x.transpose(0, 1).reshape([m * b, 1] + list(x.shape[2:]))
-        counts: List[int] = [b] * m
-        return [o.view([m, b] + list(o.shape[1:])) for o in self._run(rows, counts)]
 
     @torch.jit.unused
     def forward_branch_graphs(self, x: Tensor) -> List[List[Tensor]]:
