@@ -205,3 +205,50 @@ def test_case_without_any_channel_is_rejected():
 
     with pytest.raises(UserError, match="case lonely: no channel at all"):
         resolve_available(CaseFiles("lonely", {}), ["t1", "t1ce", "t2", "flair"])
+
+
+@pytest.mark.parametrize("trainer", [DS_TRAINER, STOCK])
+def test_case_subsets_match_predict_cases_on_both_routes(nnunet_paths, ds_model, stock_model, trainer, tmp_path):
+    """``predict_case_subsets`` (evaluate's path: read and preprocess once) writes what ``predict_cases`` writes
+    with the other files absent, whether it reuses the whole case's preprocessing or has to redo it."""
+    from nnunet_gmd.nnunet.predict import find_cases, load_predictor, predict_case_subsets, predict_cases
+
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES)
+    # Phantom_001 gets a FLAIR-only bright slab in its empty first slices: without FLAIR, nnU-Net's nonzero crop
+    # and normalization mask change, so those subsets cannot reuse the whole case's preprocessed array.
+    f = inp / f"{CASES[1]}_0003.nii.gz"
+    image = sitk.ReadImage(str(f))
+    array = sitk.GetArrayFromImage(image)
+    assert not array[:4].any()
+    array[:4] = array.max()
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, str(f))
+    model = ds_model if trainer == DS_TRAINER else stock_model
+    predictor = load_predictor(model, [0], device="cpu", use_mirroring=False, allow_tqdm=False)
+    cases = find_cases(inp, ".nii.gz", ["t1", "t1ce", "t2", "flair"])
+    subsets = [(0, 1, 2, 3), (0, 1, 2), (3,), (1, 3)]
+    routes = predict_case_subsets(predictor, cases,
+                                  lambda case, s: tmp_path / "ours" / f"{case.case_id}_{len(s)}{s[0]}", subsets)
+    # Phantom_000: every subset reuses; Phantom_001: only the subset without FLAIR is preprocessed again.
+    assert routes == {"reused": 7, "preprocessed": 1}
+    for subset in subsets:
+        with pytest.warns(UserWarning) if trainer == STOCK and len(subset) < 4 else _no_warning():
+            predict_cases(predictor, cases, tmp_path / f"ref_{len(subset)}{subset[0]}", forced=subset,
+                          num_processes_preprocessing=0, num_processes_segmentation_export=0, progress=False)
+        for case in CASES:
+            ours = _seg(tmp_path / "ours", f"{case}_{len(subset)}{subset[0]}")
+            ref = _seg(tmp_path / f"ref_{len(subset)}{subset[0]}", case)
+            assert ours.shape == ref.shape and (ours != ref).mean() < 1e-3, (case, subset)
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def guard():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            yield
+    return guard()

@@ -47,7 +47,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                                 "(default 0.5, as nnU-Net)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
-                   help="preprocessing processes (default 3); -npp 0 -nps 0 runs without worker processes")
+                   help="preprocessing processes (default 3); -npp 0 -nps 0 runs without worker processes "
+                        "(evaluate preprocesses each case once, in-process, and ignores -npp)")
     p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3), help="export processes (default 3)")
     p.add_argument("-device", default=None, choices=("cuda", "cpu", "mps"),
                    help="default: cuda when available, else cpu")
@@ -121,8 +122,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with _plain_warnings("evaluate"):
         report = evaluate_missing_modalities(
             predictor, folder, resolve_dataset_name(args.dataset), args.configuration, args.fold, out_dir,
-            checkpoint=args.checkpoint, with_hd95=not args.no_hd95, num_processes_preprocessing=args.npp,
-            num_processes_segmentation_export=args.nps)
+            checkpoint=args.checkpoint, with_hd95=not args.no_hd95, num_processes_segmentation_export=args.nps)
     paths = write_report(report, out_dir)
     print(to_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,7 +1,9 @@
 """Robustness under missing modalities: predict a fold's validation cases from every channel subset and score them.
 
-Predictions go through :func:`nnunet_gmd.nnunet.predict.predict_cases` (what ``nnunet-gmd predict`` does), one
-folder per subset, so the numbers describe exactly what a user gets when those files are absent. Scoring is
+Predictions are those :func:`nnunet_gmd.nnunet.predict.predict_cases` (what ``nnunet-gmd predict`` does) writes
+when the other files are absent, one folder per subset, so the numbers describe exactly what a user gets. They are
+made by :func:`~nnunet_gmd.nnunet.predict.predict_case_subsets`, which reads and preprocesses each case once and
+reuses that wherever the result is provably the same. Scoring is
 nnU-Net's own ``compute_metrics`` on the dataset's regions or labels (per-subset ``summary.json`` in nnU-Net's
 format), plus HD95 from MONAI. Finished subsets are reused on a re-run as long as the checkpoint, the cases and
 the prediction settings are the same.
@@ -27,7 +29,8 @@ from tqdm import tqdm
 
 from nnunet_gmd.cli import UserError
 from nnunet_gmd.nnunet.files import write_json_atomic
-from nnunet_gmd.nnunet.predict import CaseFiles, channel_names, ds_network, predict_cases
+from nnunet_gmd.nnunet.predict import (CaseFiles, channel_names, ds_network, predict_case_subsets,
+                                      record_availability)
 from nnunet_gmd.subsets import Subset, all_subsets, subset_name
 
 Region = Union[int, tuple[int, ...]]
@@ -159,8 +162,7 @@ def _is_done(folder: Path, fingerprint: dict, case_ids: Sequence[str], file_endi
 def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, dataset_name: str,
                                 configuration: str, fold: int, out_dir: Path, checkpoint: str = "checkpoint_final.pth",
                                 subsets: Optional[Sequence[Subset]] = None, with_hd95: bool = True,
-                                num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
-                                progress: bool = True) -> dict:
+                                num_processes_segmentation_export: int = 3, progress: bool = True) -> dict:
     """Predict and score the fold's validation cases under every channel subset; returns the report dict.
 
     nnU-Net's chatter goes to ``out_dir/predictions/predict.log`` so the progress bar stays readable.
@@ -184,35 +186,36 @@ def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, 
     out_dir = Path(out_dir)
     pred_root = out_dir / "predictions"
     pred_root.mkdir(parents=True, exist_ok=True)
+    folders = {subset: pred_root / subset_name(subset, names) for subset in subsets}
+    fingerprints = {s: _fingerprint(model_folder, [fold], checkpoint, predictor, s, case_ids) for s in subsets}
+    todo = [s for s in subsets if not _is_done(folders[s], fingerprints[s], case_ids, ending)]
+    for subset in todo:
+        (folders[subset] / _DONE_FILE).unlink(missing_ok=True)
+        folders[subset].mkdir(parents=True, exist_ok=True)
+    if todo:
+        bar = tqdm(total=len(todo) * len(cases), desc="predicting subsets x cases", unit="prediction",
+                   disable=not progress)
+        with open(pred_root / "predict.log", "a") as log, contextlib.redirect_stdout(log):
+            routes = predict_case_subsets(predictor, cases, lambda case, s: folders[s] / case.case_id, todo,
+                                          num_processes_segmentation_export, on_prediction=bar.update)
+            print(f"nnunet-gmd evaluate: {routes['reused']} subset predictions reused the case's preprocessing, "
+                  f"{routes['preprocessed']} preprocessed their zero-filled input")
+        bar.close()
+        for subset in todo:
+            record_availability(folders[subset], predictor, {c: subset for c in case_ids})
+            write_json_atomic(folders[subset] / _DONE_FILE, fingerprints[subset])
+
     entries = []
-    bar = tqdm(total=len(subsets) * len(cases), desc="subsets x cases", unit="case", disable=not progress)
-    with open(pred_root / "predict.log", "a") as log:
-        for subset in subsets:
-            label = subset_name(subset, names)
-            bar.set_postfix_str(label)
-            folder = pred_root / label
-            fingerprint = _fingerprint(model_folder, [fold], checkpoint, predictor, subset, case_ids)
-            if not _is_done(folder, fingerprint, case_ids, ending):
-                (folder / _DONE_FILE).unlink(missing_ok=True)
-                with contextlib.redirect_stdout(log), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # the zero-fill warning was given once above
-                    predict_cases(predictor, cases, folder, forced=subset, overwrite=True,
-                                  num_processes_preprocessing=num_processes_preprocessing,
-                                  num_processes_segmentation_export=num_processes_segmentation_export,
-                                  progress=False)
-                write_json_atomic(folder / _DONE_FILE, fingerprint)
-            per_case = []
-            for case in cases:
-                per_case.append(score_case(labels[case.case_id], folder / f"{case.case_id}{ending}", reader,
-                                           region_values, label_manager.ignore_label, with_hd95))
-                bar.update()
-            summary = summarize(per_case, region_values)
-            save_summary_json(summary, str(folder / "summary.json"))
-            entries.append({
-                "available": [names[i] for i in subset],
-                "metrics": {name: _metric_block(summary["mean"][r], with_hd95) for r, name in regions},
-            })
-    bar.close()
+    for subset in tqdm(subsets, desc="scoring subsets", unit="subset", disable=not progress):
+        folder = folders[subset]
+        per_case = [score_case(labels[case.case_id], folder / f"{case.case_id}{ending}", reader, region_values,
+                               label_manager.ignore_label, with_hd95) for case in cases]
+        summary = summarize(per_case, region_values)
+        save_summary_json(summary, str(folder / "summary.json"))
+        entries.append({
+            "available": [names[i] for i in subset],
+            "metrics": {name: _metric_block(summary["mean"][r], with_hd95) for r, name in regions},
+        })
     return {
         "trainer": predictor.trainer_name,
         "dataset": dataset_name,

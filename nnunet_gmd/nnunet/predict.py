@@ -18,13 +18,15 @@ import os
 import re
 import tempfile
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -299,6 +301,118 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
     _record_availability(output_dir / AVAILABILITY_FILE, predictor.trainer_name, ds is not None,
                          {case_id: [names[i] for i in subset] for case_id, subset in available.items()})
     return available
+
+
+# ---------------------------------------------------------------------------------------------- one case, many subsets
+def zero_preserving_channels(predictor: nnUNetPredictor) -> list[bool]:
+    """Per channel, whether nnU-Net's normalization maps an all-zero image to zeros (z-scoring does, CT does not).
+
+    Resampling keeps zeros at zero, so for these channels a zero-filled file preprocesses to exactly zero.
+    """
+    cm, pm = predictor.configuration_manager, predictor.plans_manager
+    n = len(predictor.dataset_json["channel_names"])
+    preprocessor = cm.preprocessor_class(verbose=False)
+    normalized = preprocessor._normalize(np.zeros((n, 2, 2, 2), dtype=np.float32), np.zeros((1, 2, 2, 2), np.int8),
+                                         cm, pm.foreground_intensity_properties_per_channel)
+    return [bool(np.all(normalized[c] == 0)) for c in range(n)]
+
+
+class _Exporter:
+    """nnU-Net's export (resample to the input geometry, write the file), inline or in a bounded worker pool."""
+
+    def __init__(self, num_processes: int):
+        self._pool = multiprocessing.get_context("spawn").Pool(num_processes) if num_processes > 0 else None
+        self._pending: list = []
+        self._limit = 2 * max(num_processes, 1)
+
+    def __call__(self, *args) -> None:
+        if self._pool is None:
+            export_prediction_from_logits(*args)
+            return
+        while len(self._pending) >= self._limit:
+            self._pending.pop(0).get()
+        logits, *rest = args  # as nnU-Net's own pool: numpy to the workers
+        self._pending.append(self._pool.apply_async(export_prediction_from_logits, (logits.numpy(), *rest)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            try:
+                for result in self._pending:
+                    result.get()
+            finally:
+                self._pool.close()
+                self._pool.join()
+
+
+def predict_case_subsets(predictor: nnUNetPredictor, cases: Sequence[CaseFiles],
+                         outputs: Callable[[CaseFiles, Subset], Path], subsets: Sequence[Subset],
+                         num_processes_segmentation_export: int = 0,
+                         on_prediction: Optional[Callable[[], None]] = None) -> dict[str, int]:
+    """Predict every case from each of ``subsets``, as ``predict_cases(..., forced=subset)`` would, reading once.
+
+    ``outputs(case, subset)`` is the output file name without its ending. A case is read, checked and preprocessed
+    once with all channels. Preprocessing depends on the absent channels only through the nonzero mask (crop box
+    and normalization region) and through what a zero image normalizes to; when the present channels have the
+    same nonzero voxels as the whole case and the absent channels normalize zeros to zeros, the whole case's array
+    with the absent channels set to zero *is* the zero-filled case's preprocessed array. Other subsets are
+    preprocessed again from the zero-filled array, in memory. Returns how many subset predictions took each route.
+    """
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise UserError("cascade configurations take the previous stage's segmentation as extra input channels; "
+                        "missing-modality prediction supports full-resolution and 2d configurations")
+    cm, pm, dataset_json = predictor.configuration_manager, predictor.plans_manager, predictor.dataset_json
+    names = channel_names(dataset_json)
+    full = tuple(range(len(names)))
+    reader = pm.image_reader_writer_class()
+    preprocessor = cm.preprocessor_class(verbose=False)
+    zero_stays_zero = zero_preserving_channels(predictor)
+    ds = ds_network(predictor)
+    routes = {"reused": 0, "preprocessed": 0}
+    exporter = _Exporter(num_processes_segmentation_export)
+    try:
+        for case in cases:
+            missing = [names[c] for c in full if c not in case.files]
+            if missing:
+                raise UserError(f"case {case.case_id}: {', '.join(missing)} missing; scoring under every subset "
+                                f"needs all channel files")
+            check_case(case, reader)
+            raw, props = reader.read_images([str(case.files[c]) for c in full])
+            whole, _, whole_props = preprocessor.run_case_npy(raw, None, deepcopy(props), pm, cm, dataset_json)
+            nonzero = raw != 0
+            nonzero_all = nonzero.any(0)
+            for subset in subsets:
+                absent = [c for c in full if c not in subset]
+                if all(zero_stays_zero[c] for c in absent) and np.array_equal(nonzero[list(subset)].any(0),
+                                                                               nonzero_all):
+                    data, data_props = whole.copy(), whole_props
+                    data[absent] = 0
+                    routes["reused"] += 1
+                else:
+                    filled = raw.copy()
+                    filled[absent] = 0
+                    data, _, data_props = preprocessor.run_case_npy(filled, None, deepcopy(props), pm, cm,
+                                                                    dataset_json)
+                    routes["preprocessed"] += 1
+                if ds is not None:
+                    ds.set_default_available(None if subset == full else subset_mask(subset, len(names)))
+                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+                out = Path(outputs(case, subset))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                exporter(logits, deepcopy(data_props), cm, pm, dataset_json, str(out), False)
+                if on_prediction is not None:
+                    on_prediction()
+    finally:
+        if ds is not None:
+            ds.set_default_available(None)
+        exporter.close()
+    return routes
+
+
+def record_availability(output_dir: Path, predictor: nnUNetPredictor, available: Mapping[str, Subset]) -> None:
+    """Write (merge) ``modality_availability.json``: which channels each prediction in the folder came from."""
+    names = channel_names(predictor.dataset_json)
+    _record_availability(Path(output_dir) / AVAILABILITY_FILE, predictor.trainer_name, ds_network(predictor) is not None,
+                         {case_id: [names[i] for i in subset] for case_id, subset in available.items()})
 
 
 def _record_availability(path: Path, trainer: str, is_ds: bool, cases: dict[str, list[str]]) -> None:
