@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_gmd.cli import UserError
-from nnunet_gmd.demo.pipeline import Method, compare, report_path, train_and_evaluate_all
-from nnunet_gmd.demo.planning import plan_and_preprocess, plans_summary, write_split
+from nnunet_gmd.demo.pipeline import Method, train_and_evaluate_all, write_results
+from nnunet_gmd.demo.planning import plan_and_preprocess, write_split
 from nnunet_gmd.demo.presets import Preset
-from nnunet_gmd.demo.results import Results
-from nnunet_gmd.demo.workspace import Workspace, write_json_atomic
+from nnunet_gmd.demo.workspace import Workspace
 
 DATASET_ID = 991
 DATASET_NAME = "BraTSBenchmark"
@@ -110,27 +109,7 @@ def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset
 
     train_and_evaluate_all(ws, DATASET_ID, preset, methods, device, first_step=4, total_steps=total)
 
-    print(f"- [{total}/{total}] compare", flush=True)
-    compare(ws, methods, ws.root)
-    results = Results([report_path(ws, m) for m in methods], [m.label for m in methods])
-    plans = plans_summary(ws.preprocessed / dataset_name / f"{preset.plans_name}.json", preset.configuration)
-    seconds = ws.step_seconds()
-    details = [f"training set: {len(train)} cases from {train_dir}; test set: {len(test)} cases from {test_dir}",
-               f"nnU-Net: plans {plans['plans']}, configuration {plans['configuration']}, spacing "
-               f"{plans['spacing_mm']} mm, patch {plans['patch_size']}, batch {plans['batch_size']}, "
-               f"features {plans['features_per_stage']}",
-               f"budget per method: {preset.budget.describe()}; test-time mirroring: {'on' if preset.tta else 'off'}",
-               "wall-clock seconds per method (train / evaluate): " + ", ".join(
-                   f"{m.label} {seconds.get('train_' + m.key, float('nan')):.0f} / "
-                   f"{seconds.get('evaluate_' + m.key, float('nan')):.0f}" for m in methods)]
-    paths = results.write(ws.root, "benchmark_results", "nnunet-gmd benchmark: BraTS missing-modality Dice",
-                          details, extra={"plans": plans, "budget": preset.budget.__dict__, "preset": preset.name,
-                                          "train_cases": train, "step_seconds": seconds})
-    print()
-    print(paths["md"].read_text())
-    this_run = time.monotonic() - started
-    write_json_atomic(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
-                                                  "step_seconds": seconds})
-    print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: benchmark_results.md/.csv/.json/.png, "
-          f"missing_modality_comparison.md/.png, reports/<method>/")
-    return paths
+    details = [f"training set: {len(train)} cases from {train_dir}; test set: {len(test)} cases from {test_dir}"]
+    return write_results(ws, methods, preset, dataset_name, "benchmark_results",
+                         "nnunet-gmd benchmark: BraTS missing-modality Dice", details, started, total,
+                         extra={"train_cases": train, "test_cases": test})

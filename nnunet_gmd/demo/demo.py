@@ -13,11 +13,10 @@ from typing import Sequence
 
 from nnunet_gmd.cli import UserError
 from nnunet_gmd.demo.phantoms import write_brats_like_cases
-from nnunet_gmd.demo.pipeline import Method, compare, report_path, train_and_evaluate_all
-from nnunet_gmd.demo.planning import plan_and_preprocess, plans_summary, write_split
+from nnunet_gmd.demo.pipeline import Method, train_and_evaluate_all, write_results
+from nnunet_gmd.demo.planning import plan_and_preprocess, write_split
 from nnunet_gmd.demo.presets import Preset
-from nnunet_gmd.demo.results import Results
-from nnunet_gmd.demo.workspace import Workspace, write_json_atomic
+from nnunet_gmd.demo.workspace import Workspace
 
 DATASET_ID = 990
 DATASET_NAME = "Phantoms"
@@ -70,24 +69,7 @@ def run_demo(out_dir: Path, preset: Preset, methods: Sequence[Method], data: Dem
 
     train_and_evaluate_all(ws, DATASET_ID, preset, methods, device, first_step=4, total_steps=total)
 
-    print(f"- [{total}/{total}] compare", flush=True)
-    compare(ws, methods, ws.root)
-    results = Results([report_path(ws, m) for m in methods], [m.label for m in methods])
-    plans = plans_summary(ws.preprocessed / dataset_name / f"{preset.plans_name}.json", preset.configuration)
     details = [f"data: {data.n_cases - data.n_test} training / {data.n_test} test phantoms, {data.size}^3 voxels "
-               f"at 1 mm (seed {data.seed})",
-               f"nnU-Net: plans {plans['plans']}, configuration {plans['configuration']}, spacing "
-               f"{plans['spacing_mm']} mm, patch {plans['patch_size']}, batch {plans['batch_size']}, "
-               f"features {plans['features_per_stage']}",
-               f"budget per method: {preset.budget.describe()}; test-time mirroring: {'on' if preset.tta else 'off'}"]
-    seconds = ws.step_seconds()
-    paths = results.write(ws.root, "demo_results", "nnunet-gmd demo: missing-modality Dice on phantoms", details,
-                          extra={"plans": plans, "budget": preset.budget.__dict__, "step_seconds": seconds})
-    print()
-    print(paths["md"].read_text())
-    this_run = time.monotonic() - started
-    write_json_atomic(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
-                                                  "step_seconds": seconds})
-    print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: demo_results.md/.csv/.json/.png, "
-          f"missing_modality_comparison.md/.png, reports/<method>/ (per-method heatmaps)")
-    return paths
+               f"at 1 mm (seed {data.seed})"]
+    return write_results(ws, methods, preset, dataset_name, "demo_results",
+                         "nnunet-gmd demo: missing-modality Dice on phantoms", details, started, total)

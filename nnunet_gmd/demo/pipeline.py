@@ -6,14 +6,17 @@ evaluation is ``nnunet-gmd evaluate`` on fold 0, whose validation split is the t
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from nnunet_gmd.cli import UserError
+from nnunet_gmd.demo.planning import plans_summary
 from nnunet_gmd.demo.presets import Preset
+from nnunet_gmd.demo.results import Results
 from nnunet_gmd.demo.tools import nnunet_gmd_command, run_tool, tool
-from nnunet_gmd.demo.workspace import Workspace
+from nnunet_gmd.demo.workspace import Workspace, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,36 @@ def train_and_evaluate_all(ws: Workspace, dataset_id: int, preset: Preset, metho
                                               f"under all 15 subsets",
                     lambda m=method: evaluate(ws, dataset_id, preset, m, device))
         step += 1
+
+
+def write_results(ws: Workspace, methods: Sequence[Method], preset: Preset, dataset_name: str, stem: str,
+                  title: str, data_details: Sequence[str], started: float, step: int,
+                  extra: Optional[dict] = None) -> dict[str, Path]:
+    """The last step of a run: ``compare``, then the subsets x regions x methods table, plot and timings.
+
+    ``data_details`` describe the cases; the plans, budget and per-method wall-clock lines are added here.
+    """
+    print(f"- [{step}/{step}] compare", flush=True)
+    compare(ws, methods, ws.root)
+    plans = plans_summary(ws.preprocessed / dataset_name / f"{preset.plans_name}.json", preset.configuration)
+    seconds = ws.step_seconds()
+    details = [*data_details,
+               f"nnU-Net: plans {plans['plans']}, configuration {plans['configuration']}, spacing "
+               f"{plans['spacing_mm']} mm, patch {plans['patch_size']}, batch {plans['batch_size']}, "
+               f"features {plans['features_per_stage']}",
+               f"budget per method: {preset.budget.describe()}; test-time mirroring: {'on' if preset.tta else 'off'}",
+               "wall-clock seconds per method (train / evaluate): " + ", ".join(
+                   f"{m.label} {seconds.get('train_' + m.key, float('nan')):.0f} / "
+                   f"{seconds.get('evaluate_' + m.key, float('nan')):.0f}" for m in methods)]
+    results = Results([report_path(ws, m) for m in methods], [m.label for m in methods])
+    paths = results.write(ws.root, stem, title, details,
+                          extra={"plans": plans, "budget": preset.budget.__dict__, "preset": preset.name,
+                                 "step_seconds": seconds, **(extra or {})})
+    print()
+    print(paths["md"].read_text())
+    this_run = time.monotonic() - started
+    write_json_atomic(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
+                                                  "step_seconds": seconds})
+    print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: {stem}.md/.csv/.json/.png, "
+          f"missing_modality_comparison.md/.png, reports/<method>/ (per-method heatmaps)")
+    return paths
