@@ -8,7 +8,8 @@
   strong baseline for missing-modality robustness.
 
 The budget variables (all optional, positive integers) are shared by every trainer of this package:
-``NNUNET_GMD_NUM_EPOCHS``, ``NNUNET_GMD_ITERS_PER_EPOCH`` and ``NNUNET_GMD_VAL_ITERS``.
+``NNUNET_GMD_NUM_EPOCHS``, ``NNUNET_GMD_ITERS_PER_EPOCH`` and ``NNUNET_GMD_VAL_ITERS``; ``NNUNET_GMD_INITIAL_LR``
+(a positive float) replaces the trainer's initial learning rate, for learning-rate studies.
 ``NNUNET_GMD_FINAL_VALIDATION=0`` skips nnU-Net's final validation after training (:class:`OptionalFinalValidation`):
 the demo and benchmark score the test cases themselves under every subset, and on a CPU the all-modality
 validation with mirroring costs more than a minute per method.
@@ -26,6 +27,7 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerModalityDropout", "nnUNetTrainer
            "nnUNetTrainerModalityDropout_smoke"]
 
 FINAL_VALIDATION_ENV = "NNUNET_GMD_FINAL_VALIDATION"
+INITIAL_LR_ENV = "NNUNET_GMD_INITIAL_LR"
 BUDGET_ENV_VARS = {
     "NNUNET_GMD_NUM_EPOCHS": "num_epochs",
     "NNUNET_GMD_ITERS_PER_EPOCH": "num_iterations_per_epoch",
@@ -51,6 +53,21 @@ def budget_from_env(environ: dict | None = None) -> dict[str, int]:
     return out
 
 
+def initial_lr_from_env(environ: dict | None = None) -> float | None:
+    """``NNUNET_GMD_INITIAL_LR`` as a positive float, or None when unset (for learning-rate studies)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(INITIAL_LR_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {INITIAL_LR_ENV}={raw!r} must be a positive number") from None
+    if not value > 0:
+        raise ValueError(f"environment variable {INITIAL_LR_ENV}={raw!r} must be a positive number")
+    return value
+
+
 def final_validation_enabled(environ: dict | None = None) -> bool:
     """False only when ``NNUNET_GMD_FINAL_VALIDATION`` is 0 / false / no / off."""
     environ = os.environ if environ is None else environ
@@ -67,9 +84,12 @@ class OptionalFinalValidation:
 
 
 def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
-    """Override epochs / iterations of an initialised-in-``__init__`` trainer from the environment."""
+    """Override epochs / iterations (and the initial learning rate) of an initialised-in-``__init__`` trainer."""
     for attribute, value in budget_from_env().items():
         setattr(trainer, attribute, value)
+    lr = initial_lr_from_env()
+    if lr is not None:
+        trainer.initial_lr = lr
 
 
 def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
