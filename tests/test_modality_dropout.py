@@ -61,3 +61,13 @@ def test_trainers_are_nnunet_trainers_with_full_init_signature():
         # nnU-Net re-creates trainers from checkpoints by these names; *args would break that.
         assert list(inspect.signature(cls.__init__).parameters) == \
             ["self", "plans", "configuration", "fold", "dataset_json", "device"]
+
+
+def test_initial_learning_rate_override_is_validated():
+    from nnunet_gmd.nnunet.baselines import initial_lr_from_env
+
+    assert initial_lr_from_env({}) is None and initial_lr_from_env({"NNUNET_GMD_INITIAL_LR": " "}) is None
+    assert initial_lr_from_env({"NNUNET_GMD_INITIAL_LR": "3e-3"}) == pytest.approx(3e-3)
+    for bad in ("0", "-1e-3", "fast", "nan"):
+        with pytest.raises(ValueError, match="NNUNET_GMD_INITIAL_LR"):
+            initial_lr_from_env({"NNUNET_GMD_INITIAL_LR": bad})

@@ -128,3 +128,12 @@ def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnun
               "-f", str(resume_fold), "-np", "1"], ws.env(), timeout=600)
     inference = ws.results / DATASET_NAME / "inference_information.json"
     assert GMD_SMOKE in inference.read_text()
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerGMD", "nnUNetTrainerModalityDropout"])
+def test_initial_lr_environment_override_reaches_the_optimizer(nnunet_paths, monkeypatch, name):
+    monkeypatch.setenv("NNUNET_GMD_INITIAL_LR", "0.003")
+    trainer = make_trainer(nnunet_paths, name)
+    optimizer, _ = trainer.configure_optimizers()
+    assert trainer.initial_lr == pytest.approx(3e-3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3)
