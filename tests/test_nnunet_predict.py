@@ -252,3 +252,19 @@ def _no_warning():
             warnings.simplefilter("error", UserWarning)
             yield
     return guard()
+
+
+def test_case_subsets_export_pool_writes_what_inline_export_writes(nnunet_paths, ds_model, tmp_path):
+    from nnunet_gmd.nnunet.predict import find_cases, load_predictor, predict_case_subsets
+
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    predictor = load_predictor(ds_model, [0], device="cpu", use_mirroring=False, allow_tqdm=False)
+    cases = find_cases(inp, ".nii.gz", ["t1", "t1ce", "t2", "flair"])
+    subsets = [(0, 1, 2, 3), (2,), (0, 3)]
+    for workers, folder in ((0, "inline"), (1, "pool")):
+        def out(case, s, f=folder):
+            return tmp_path / f / f"{case.case_id}_{len(s)}{s[0]}"
+        predict_case_subsets(predictor, cases, out, subsets, num_processes_segmentation_export=workers)
+    for subset in subsets:
+        name = f"{CASES[0]}_{len(subset)}{subset[0]}"
+        np.testing.assert_array_equal(_seg(tmp_path / "pool", name), _seg(tmp_path / "inline", name))

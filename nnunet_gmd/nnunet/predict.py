@@ -227,6 +227,12 @@ def check_case(case: CaseFiles, reader: BaseReaderWriter) -> tuple[tuple[int, ..
 
 
 # ---------------------------------------------------------------------------------------------- prediction
+def _refuse_cascade(predictor: nnUNetPredictor) -> None:
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise UserError("cascade configurations take the previous stage's segmentation as extra input channels; "
+                        "missing-modality prediction supports full-resolution and 2d configurations")
+
+
 def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output_dir: Path,
                   forced: Optional[Subset] = None, overwrite: bool = True, save_probabilities: bool = False,
                   num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
@@ -237,9 +243,7 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
     each case was predicted from. With both process counts 0 nnU-Net's sequential predictor is used (no worker
     processes), like ``nnUNetv2_predict -npp 0 -nps 0``.
     """
-    if predictor.configuration_manager.previous_stage_name is not None:
-        raise UserError("cascade configurations take the previous stage's segmentation as extra input channels; "
-                        "missing-modality prediction supports full-resolution and 2d configurations")
+    _refuse_cascade(predictor)
     dataset_json = predictor.dataset_json
     names = channel_names(dataset_json)
     num_channels = len(names)
@@ -357,9 +361,7 @@ def predict_case_subsets(predictor: nnUNetPredictor, cases: Sequence[CaseFiles],
     with the absent channels set to zero *is* the zero-filled case's preprocessed array. Other subsets are
     preprocessed again from the zero-filled array, in memory. Returns how many subset predictions took each route.
     """
-    if predictor.configuration_manager.previous_stage_name is not None:
-        raise UserError("cascade configurations take the previous stage's segmentation as extra input channels; "
-                        "missing-modality prediction supports full-resolution and 2d configurations")
+    _refuse_cascade(predictor)
     cm, pm, dataset_json = predictor.configuration_manager, predictor.plans_manager, predictor.dataset_json
     names = channel_names(dataset_json)
     full = tuple(range(len(names)))
