@@ -302,8 +302,7 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
             if ds is not None:
                 ds.set_default_available(None)
 
-    _record_availability(output_dir / AVAILABILITY_FILE, predictor.trainer_name, ds is not None,
-                         {case_id: [names[i] for i in subset] for case_id, subset in available.items()})
+    record_availability(output_dir, predictor, available)
     return available
 
 
@@ -413,7 +412,8 @@ def predict_case_subsets(predictor: nnUNetPredictor, cases: Sequence[CaseFiles],
 def record_availability(output_dir: Path, predictor: nnUNetPredictor, available: Mapping[str, Subset]) -> None:
     """Write (merge) ``modality_availability.json``: which channels each prediction in the folder came from."""
     names = channel_names(predictor.dataset_json)
-    _record_availability(Path(output_dir) / AVAILABILITY_FILE, predictor.trainer_name, ds_network(predictor) is not None,
+    _record_availability(Path(output_dir) / AVAILABILITY_FILE, predictor.trainer_name,
+                         ds_network(predictor) is not None,
                          {case_id: [names[i] for i in subset] for case_id, subset in available.items()})
 
 
