@@ -1,8 +1,9 @@
 """``nnunet-gmd benchmark brats``: input checks (fast, on phantoms) and a smoke run on real BraTS 2018 cases.
 
 The smoke run trains on 2 real cases and tests on a third (each cut to a 120 x 120 x 90 mm box around the tumour)
-at the smoke preset (3 mm, narrow network, 1 epoch of 2 iterations): the numbers mean nothing, but every step runs through the real tools, the test case is never
-trained on, and the full subsets x regions x methods table is produced.
+at the smoke preset (3 mm, narrow network, 1 epoch of 2 iterations): the numbers mean nothing, but every step runs
+through the real tools, the test case is never trained on, and the full subsets x regions x methods table is
+produced.
 """
 from __future__ import annotations
 

@@ -68,6 +68,7 @@ def test_written_cases_follow_brats_layout_and_are_deterministic(tmp_path):
     again = write_brats_like_cases(tmp_path / "b", 3, shape=(24, 20, 16), seed=7)
     other = write_brats_like_cases(tmp_path / "c", 1, shape=(24, 20, 16), seed=8)
     assert [c.name for c in cases] == ["Phantom_000", "Phantom_001"]
+    assert [c.name for c in again] == ["Phantom_000", "Phantom_001", "Phantom_002"]  # more cases, same first two
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["Phantom_000", "Phantom_001"]  # no partials
     for case in cases:
         files = sorted(f.name for f in case.iterdir())
