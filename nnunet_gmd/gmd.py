@@ -185,6 +185,18 @@ def _fused(outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
     return [sum(outputs[m][s] for m in subset) / n for s in range(len(outputs[0]))]
 
 
+def fuses_features(network: nn.Module) -> bool:
+    """True for networks that fuse branch features and decode them per subset (``decode_subset``)."""
+    return callable(getattr(network, "decode_subset", None))
+
+
+def subset_outputs(network: nn.Module, outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
+    """The network's output for ``subset`` (highest resolution first) from its per-branch graphs."""
+    if fuses_features(network):
+        return network.decode_subset(outputs, subset)
+    return _fused(outputs, subset)
+
+
 def _as_network_output(fused: list[Tensor], as_list: bool):
     return fused if as_list else fused[0]
 
@@ -193,7 +205,7 @@ def ds_subset_losses(network: nn.Module, x: Tensor, subsets: Sequence[Subset], s
     """One forward, the loss of each subset's fused output (for the no-decoupling "DS" ablation)."""
     outputs = ds_branch_outputs(network, x)
     as_list = network.uses_deep_supervision()
-    return [subset_loss(_as_network_output(_fused(outputs, s), as_list), s) for s in subsets]
+    return [subset_loss(_as_network_output(subset_outputs(network, outputs, s), as_list), s) for s in subsets]
 
 
 def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], subset_loss: SubsetLoss, *,
@@ -205,7 +217,9 @@ def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], su
     ``uses_deep_supervision``). ``subset_loss(output, subset)`` gets what ``network(x)`` would return for that
     subset (a tensor, or a list under deep supervision); it may return a GradScaler-scaled loss, since the
     projection is scale-invariant. Per subset, the loss is evaluated on detached fused logits to get the
-    cotangent there, then a single VJP runs through the subset's branches only.
+    cotangent there, then a single VJP runs through the subset's branches only. For a feature-fusion network
+    (``decode_subset``) the encoder branches run once as separate graphs; per subset the features are fused and
+    decoded, and one VJP runs through the decoder and that subset's encoder branches.
     """
     _check_reduction(reduction)
     if len(subsets) == 0:
@@ -221,7 +235,16 @@ def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], su
     flat = torch.empty(len(subsets), layout.numel, dtype=ref.dtype, device=ref.device)
     reached, losses = [], []
     last = len(subsets) - 1
+    feature_fusion = fuses_features(network)
     for k, subset in enumerate(subsets):
+        if feature_fusion:
+            # fuse, decode, loss, then one VJP through the decoder and this subset's encoder branches
+            loss = subset_loss(_as_network_output(network.decode_subset(outputs, subset), as_list), subset)
+            grads = torch.autograd.grad(loss, layout.params, retain_graph=k < last, allow_unused=True)
+            layout.flatten_into(flat[k], grads)
+            reached.append([owner is None or owner in subset for owner in owners])
+            losses.append(loss.detach().float())
+            continue
         leaves = [f.detach().requires_grad_() for f in _fused(outputs, subset)]
         loss = subset_loss(_as_network_output(leaves, as_list), subset)
         # scales the loss ignores (nnU-Net weights the lowest deep-supervision output 0) get no cotangent

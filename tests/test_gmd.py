@@ -5,7 +5,7 @@ from torch import nn
 
 from nnunet_gmd.gmd import (draw_orders, ds_gmd_backward, ds_subset_losses, gmd_backward, pcgrad_coefficients)
 from nnunet_gmd.gmd_reference import reference_gmd_grads
-from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.networks import DSFeatureFusionUNet, DSUNet
 from nnunet_gmd.subsets import SubsetSampler, all_subsets, parse_subset, subset_mask, subset_name
 
 
@@ -111,10 +111,15 @@ def test_coefficients_match_torchjd_pcgrad_weighting():
 
 
 # ---------------------------------------------------------------------------- DS network against the oracle
-def tiny_ds(deep_supervision: bool = True) -> DSUNet:
+def tiny_ds(deep_supervision: bool = True, fusion: str = "logits") -> nn.Module:
+    """A tiny DS network: logit fusion (DSUNet) or feature fusion ("mean", "mean_var")."""
     torch.manual_seed(0)
-    return DSUNet(4, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 1, 3, 1, conv_bias=True, norm_op=nn.InstanceNorm2d,
-                  nonlin=nn.LeakyReLU, deep_supervision=deep_supervision).double()
+    if fusion == "logits":
+        return DSUNet(4, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 1, 3, 1, conv_bias=True, norm_op=nn.InstanceNorm2d,
+                      nonlin=nn.LeakyReLU, deep_supervision=deep_supervision).double()
+    return DSFeatureFusionUNet(4, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 1, 3, 1, conv_bias=True,
+                               norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, deep_supervision=deep_supervision,
+                               fusion=fusion).double()
 
 
 def conflicting_subset_loss(seed: int = 0):
@@ -138,9 +143,10 @@ def conflicting_subset_loss(seed: int = 0):
     return loss
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_structured_path_matches_reference(reduction):
-    net = tiny_ds()
+@pytest.mark.parametrize("reduction,fusion", [("mean", "logits"), ("sum", "logits"), ("mean", "mean"),
+                                              ("sum", "mean"), ("mean", "mean_var")])
+def test_structured_path_matches_reference(reduction, fusion):
+    net = tiny_ds(fusion=fusion)
     x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     subsets = all_subsets(4)
     loss = conflicting_subset_loss()
@@ -167,8 +173,9 @@ def test_structured_path_matches_reference(reduction):
         torch.testing.assert_close(p.grad, want, rtol=1e-7, atol=1e-10)
 
 
-def test_modality_affines_follow_the_subsets_that_reach_them():
-    net = tiny_ds(deep_supervision=False)
+@pytest.mark.parametrize("fusion", ["logits", "mean"])
+def test_modality_affines_follow_the_subsets_that_reach_them(fusion):
+    net = tiny_ds(deep_supervision=False, fusion=fusion)
     x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     subsets = [(0,), (0, 1)]  # modality 2 and 3 are never used, modality 1 only by one subset
     ds_gmd_backward(net, x, subsets, conflicting_subset_loss(), generator=seeded())
@@ -180,8 +187,9 @@ def test_modality_affines_follow_the_subsets_that_reach_them():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_ds_subset_losses_equal_masked_forwards():
-    net = tiny_ds()
+@pytest.mark.parametrize("fusion", ["logits", "mean", "mean_var"])
+def test_ds_subset_losses_equal_masked_forwards(fusion):
+    net = tiny_ds(fusion=fusion)
     x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     loss = conflicting_subset_loss()
     got = ds_subset_losses(net, x, all_subsets(4), loss)

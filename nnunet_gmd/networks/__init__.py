@@ -1,4 +1,5 @@
 """Dynamic Sharing networks (framework-free: torch only)."""
-from nnunet_gmd.networks.ds_unet import DSUNet, ModalityNorm
+from nnunet_gmd.networks.ds_unet import DSNetworkBase, DSUNet, ModalityNorm
+from nnunet_gmd.networks.ff_unet import FUSIONS, DSFeatureFusionUNet
 
-__all__ = ["DSUNet", "ModalityNorm"]
+__all__ = ["DSNetworkBase", "DSUNet", "DSFeatureFusionUNet", "FUSIONS", "ModalityNorm"]

@@ -162,64 +162,76 @@ class DSDecoder(nn.Module):
         return outputs
 
 
-class DSUNet(nn.Module):
-    """Dynamic Sharing U-Net over ``num_modalities`` single-channel branches.
+class DSLayout:
+    """The U-Net layout of ``PlainConvUNet``'s arguments, checked and expanded to one entry per stage."""
 
-    ``forward(x, available)`` takes ``x`` of shape ``(B, M, *spatial)`` and an optional boolean availability
-    mask of shape ``(M,)`` or ``(B, M)`` (default: all available). It returns the fused logits, or a list of
-    them (highest resolution first) when deep supervision is on. ``forward_branch_graphs`` returns the per-branch
-    logits that GMD needs.
+    def __init__(self, n_stages: int, features_per_stage, conv_op: Type[nn.Module], kernel_sizes, strides,
+                 n_conv_per_stage, n_conv_per_stage_decoder) -> None:
+        if conv_op not in _TRANSPOSED:
+            raise ValueError(f"conv_op must be one of {list(_TRANSPOSED)}, got {conv_op}")
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv_op]
+        self.n_stages = n_stages
+        self.conv_op = conv_op
+        self.features = _as_list(features_per_stage, n_stages)
+        self.kernels = [_as_list(k, dims) for k in _as_list(kernel_sizes, n_stages)]
+        self.strides = _as_list(strides, n_stages)
+        self.n_conv = _as_list(n_conv_per_stage, n_stages)
+        self.n_conv_dec = _as_list(n_conv_per_stage_decoder, n_stages - 1)
+        if not (len(self.features) == len(self.kernels) == len(self.strides) == len(self.n_conv) == n_stages
+                and len(self.n_conv_dec) == n_stages - 1):
+            raise ValueError("features_per_stage, kernel_sizes, strides and n_conv_per_stage need n_stages entries "
+                             "and n_conv_per_stage_decoder n_stages - 1")
+
+    def block_kwargs(self, num_modalities: int, conv_bias: bool, norm_op, norm_op_kwargs, dropout_op,
+                     dropout_op_kwargs, nonlin, nonlin_kwargs) -> dict:
+        default_norm = nn.InstanceNorm3d if self.conv_op is nn.Conv3d else nn.InstanceNorm2d
+        return dict(conv_bias=conv_bias, num_modalities=num_modalities, norm_op=norm_op or default_norm,
+                    norm_op_kwargs=norm_op_kwargs if norm_op_kwargs is not None else {"eps": 1e-5},
+                    dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
+                    nonlin_kwargs=nonlin_kwargs)
+
+    def encoder(self, **block_kwargs) -> DSEncoder:
+        stages, in_ch = [], 1
+        for s in range(self.n_stages):
+            stages.append(ConvStack(self.n_conv[s], self.conv_op, in_ch, self.features[s], self.kernels[s],
+                                    self.strides[s], **block_kwargs))
+            in_ch = self.features[s]
+        return DSEncoder(stages)
+
+    def decoder(self, num_classes: int, deep_supervision: bool, skip_factor: int = 1, **block_kwargs) -> DSDecoder:
+        """``skip_factor``: channels of each skip relative to its encoder stage (2 for mean-and-variance fusion)."""
+        transp = _TRANSPOSED[self.conv_op]
+        conv_bias = block_kwargs["conv_bias"]
+        stages = []
+        for s in range(1, self.n_stages):
+            below, skip, stride = self.features[-s], self.features[-(s + 1)], self.strides[-s]
+            below_in = below * skip_factor if s == 1 else below
+            stages.append(DecoderStage(
+                transp(below_in, skip, stride, stride, bias=conv_bias),
+                ConvStack(self.n_conv_dec[s - 1], self.conv_op, skip + skip * skip_factor, skip,
+                          self.kernels[-(s + 1)], 1, **block_kwargs),
+                self.conv_op(skip, num_classes, 1, 1, 0, bias=True)))
+        return DSDecoder(stages, deep_supervision)
+
+
+class DSNetworkBase(nn.Module):
+    """What every Dynamic Sharing network shares: the availability mask, folding and the default mask.
+
+    Subclasses own ``encoder`` and ``decoder`` and say whether the decoder's norm affines are per modality
+    (``per_modality_decoder``).
     """
 
     _default_available: Optional[Tensor]
+    per_modality_decoder: bool = True
 
-    def __init__(self, num_modalities: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
-                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage: Union[int, Sequence[int]],
-                 num_classes: int, n_conv_per_stage_decoder: Union[int, Sequence[int]], conv_bias: bool = False,
-                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
-                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
-                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
-                 deep_supervision: bool = False) -> None:
+    def __init__(self, num_modalities: int, num_classes: int) -> None:
         super().__init__()
         if num_modalities < 1:
             raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
-        if conv_op not in _TRANSPOSED:
-            raise ValueError(f"conv_op must be one of {list(_TRANSPOSED)}, got {conv_op}")
         self.num_modalities = num_modalities
         self.num_classes = num_classes
         self._default_available = None
-        features = _as_list(features_per_stage, n_stages)
-        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv_op]
-        kernels = [_as_list(k, dims) for k in _as_list(kernel_sizes, n_stages)]
-        strides = _as_list(strides, n_stages)
-        n_conv = _as_list(n_conv_per_stage, n_stages)
-        n_conv_dec = _as_list(n_conv_per_stage_decoder, n_stages - 1)
-        if not (len(features) == len(kernels) == len(strides) == len(n_conv) == n_stages
-                and len(n_conv_dec) == n_stages - 1):
-            raise ValueError("features_per_stage, kernel_sizes, strides and n_conv_per_stage need n_stages entries "
-                             "and n_conv_per_stage_decoder n_stages - 1")
-        block_kwargs = dict(conv_bias=conv_bias, num_modalities=num_modalities,
-                            norm_op=norm_op or (nn.InstanceNorm3d if conv_op is nn.Conv3d else nn.InstanceNorm2d),
-                            norm_op_kwargs=norm_op_kwargs if norm_op_kwargs is not None else {"eps": 1e-5},
-                            dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
-                            nonlin_kwargs=nonlin_kwargs)
-        enc, in_ch = [], 1
-        for s in range(n_stages):
-            enc.append(ConvStack(n_conv[s], conv_op, in_ch, features[s], kernels[s], strides[s], **block_kwargs))
-            in_ch = features[s]
-        self.encoder = DSEncoder(enc)
-        transp = _TRANSPOSED[conv_op]
-        dec = []
-        for s in range(1, n_stages):
-            below, skip, stride = features[-s], features[-(s + 1)], strides[-s]
-            dec.append(DecoderStage(
-                transp(below, skip, stride, stride, bias=conv_bias),
-                ConvStack(n_conv_dec[s - 1], conv_op, 2 * skip, skip, kernels[-(s + 1)], 1, **block_kwargs),
-                conv_op(skip, num_classes, 1, 1, 0, bias=True)))
-        self.decoder = DSDecoder(dec, deep_supervision)
-        self.apply(_init_he)
 
-    # ------------------------------------------------------------------ folding
     def _mask(self, x: Tensor, available: Optional[Tensor]) -> Tensor:
         b, m = x.shape[0], x.shape[1]
         if m != self.num_modalities:
@@ -249,17 +261,71 @@ class DSUNet(nn.Module):
         counts: List[int] = mask.sum(0).tolist()
         return rows, sample_idx, counts
 
+    @staticmethod
+    def _fuse(values: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
+        """Per-sample mean of the rows that belong to it."""
+        shape = [batch] + list(values.shape[1:])
+        total = torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, sample_idx, values)
+        n = torch.bincount(sample_idx, minlength=batch).to(values.dtype)
+        return total / n.view([batch] + [1] * (values.dim() - 1))
+
+    def _check_channels(self, x: Tensor) -> None:
+        if x.shape[1] != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {x.shape[1]}")
+
+    @torch.jit.unused
+    def uses_deep_supervision(self) -> bool:
+        return bool(self.decoder.deep_supervision)
+
+    @torch.jit.unused
+    def modality_of_parameters(self) -> Dict[str, Optional[int]]:
+        """Parameter name -> owning modality index, or ``None`` for weights shared by every branch."""
+        owners: Dict[str, Optional[int]] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            per_modality = "affines" in parts and (self.per_modality_decoder or parts[0] == "encoder")
+            owners[name] = int(parts[parts.index("affines") + 1]) if per_modality else None
+        return owners
+
+    @torch.jit.unused
+    def set_default_available(self, available: Optional[Tensor]) -> None:
+        """Availability used when ``forward`` is called without a mask (nnU-Net's predictor calls ``network(x)``)."""
+        if available is not None:
+            available = available.to(torch.bool)
+            if available.dim() != 1 or available.numel() != self.num_modalities or not bool(available.any()):
+                raise ValueError(f"default availability must be a non-empty ({self.num_modalities},) mask, "
+                                 f"got {available.tolist()}")
+        self._default_available = available
+
+
+class DSUNet(DSNetworkBase):
+    """Dynamic Sharing U-Net over ``num_modalities`` single-channel branches, fused at the logits.
+
+    ``forward(x, available)`` takes ``x`` of shape ``(B, M, *spatial)`` and an optional boolean availability
+    mask of shape ``(M,)`` or ``(B, M)`` (default: all available). It returns the fused logits, or a list of
+    them (highest resolution first) when deep supervision is on. ``forward_branch_graphs`` returns the per-branch
+    logits that GMD needs.
+    """
+
+    def __init__(self, num_modalities: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
+                 conv_op: Type[nn.Module], kernel_sizes, strides, n_conv_per_stage: Union[int, Sequence[int]],
+                 num_classes: int, n_conv_per_stage_decoder: Union[int, Sequence[int]], conv_bias: bool = False,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
+                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
+                 deep_supervision: bool = False) -> None:
+        super().__init__(num_modalities, num_classes)
+        layout = DSLayout(n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
+                          n_conv_per_stage_decoder)
+        block_kwargs = layout.block_kwargs(num_modalities, conv_bias, norm_op, norm_op_kwargs, dropout_op,
+                                           dropout_op_kwargs, nonlin, nonlin_kwargs)
+        self.encoder = layout.encoder(**block_kwargs)
+        self.decoder = layout.decoder(num_classes, deep_supervision, **block_kwargs)
+        self.apply(_init_he)
+
     def _run(self, rows: Tensor, counts: List[int]) -> List[Tensor]:
         return self.decoder(self.encoder(rows, counts), counts)
 
-    @staticmethod
-    def _fuse(logits: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
-        shape = [batch] + list(logits.shape[1:])
-        total = torch.zeros(shape, dtype=logits.dtype, device=logits.device).index_add_(0, sample_idx, logits)
-        n = torch.bincount(sample_idx, minlength=batch).to(logits.dtype)
-        return total / n.view([batch] + [1] * (logits.dim() - 1))
-
-    # ------------------------------------------------------------------ public API
     def forward(self, x: Tensor, available: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
         rows, sample_idx, counts = self.fold(x, available)
         fused = [self._fuse(o, sample_idx, x.shape[0]) for o in self._run(rows, counts)]
@@ -274,38 +340,14 @@ class DSUNet(nn.Module):
         Used by GMD's structured path: a subset's VJP then runs through that subset's branches only, instead
         of through every branch with zero cotangents. The convolutions see batch B instead of M*B here.
         """
+        self._check_channels(x)
         b, m = x.shape[0], x.shape[1]
-        if m != self.num_modalities:
-            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {m}")
         outputs = []
         for i in range(m):
             counts = [0] * m
             counts[i] = b
             outputs.append(self._run(x[:, i:i + 1], counts))
         return outputs
-
-    @torch.jit.unused
-    def uses_deep_supervision(self) -> bool:
-        return bool(self.decoder.deep_supervision)
-
-    @torch.jit.unused
-    def modality_of_parameters(self) -> Dict[str, Optional[int]]:
-        """Parameter name -> owning modality index, or ``None`` for weights shared by every branch."""
-        owners: Dict[str, Optional[int]] = {}
-        for name, _ in self.named_parameters():
-            parts = name.split(".")
-            owners[name] = int(parts[parts.index("affines") + 1]) if "affines" in parts else None
-        return owners
-
-    @torch.jit.unused
-    def set_default_available(self, available: Optional[Tensor]) -> None:
-        """Availability used when ``forward`` is called without a mask (nnU-Net's predictor calls ``network(x)``)."""
-        if available is not None:
-            available = available.to(torch.bool)
-            if available.dim() != 1 or available.numel() != self.num_modalities or not bool(available.any()):
-                raise ValueError(f"default availability must be a non-empty ({self.num_modalities},) mask, "
-                                 f"got {available.tolist()}")
-        self._default_available = available
 
 
 def _init_he(module: nn.Module, neg_slope: float = 1e-2) -> None:
