@@ -9,6 +9,9 @@ optimiser, batch) is its own, and the median of several timed steps after a warm
   the same for both.
 * ``gmd_s`` / ``gmd_k5_s``: :func:`nnunet_gmd.gmd.ds_gmd_backward` over all subsets / 5 sampled ones.
 * ``floor_s``: one forward plus the per-subset VJPs that ``gmd_s`` needs, nothing else.
+
+``--fusion features`` runs the same figures for the feature-fusion DS network (``DSFeatureFusionUNet``): there
+a subset's VJP also runs through its own decoder pass, which dominates the step.
 """
 from __future__ import annotations
 
@@ -24,18 +27,24 @@ from typing import Callable
 import torch
 from torch import nn
 
+from nnunet_gmd.cli import UserError
+
 METHODS = ("plain", "reference", "gmd", "gmd_k5", "floor")
-DEFAULTS = dict(modalities=4, features=[16, 32, 64, 96, 128], size=32, batch=2, steps=5, warmup=1, seed=0)
+DEFAULTS = dict(modalities=4, features=[16, 32, 64, 96, 128], size=32, batch=2, steps=5, warmup=1, seed=0,
+                fusion="logits")
+FUSION_CHOICES = ("logits", "features")
 
 
 def build(cfg: dict):
-    from nnunet_gmd.networks import DSUNet
+    from nnunet_gmd.networks import DSFeatureFusionUNet, DSUNet
 
     torch.manual_seed(cfg["seed"])
     n = len(cfg["features"])
-    net = DSUNet(cfg["modalities"], n, cfg["features"], nn.Conv3d, 3, [1] + [2] * (n - 1), 2, 3, 2,
-                 conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5},
-                 nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    features = cfg.get("fusion", "logits") == "features"
+    net_class = DSFeatureFusionUNet if features else DSUNet
+    net = net_class(cfg["modalities"], n, cfg["features"], nn.Conv3d, 3, [1] + [2] * (n - 1), 2, 3, 2,
+                    conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5},
+                    nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
     x = torch.randn(cfg["batch"], cfg["modalities"], *[cfg["size"]] * 3)
     targets = [torch.randint(0, 3, (cfg["batch"], *[cfg["size"] // 2 ** i] * 3)) for i in range(n - 1)]
     weights = [1 / 2 ** i for i in range(n - 1)]
@@ -66,7 +75,7 @@ def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
     def reference():
         opt.zero_grad(set_to_none=True)
         outputs = gmd.ds_branch_outputs(net, x)  # branch graphs, so "reached" means the same as for GMD
-        losses = [loss(gmd._fused(outputs, s)) for s in subsets]
+        losses = [loss(gmd.subset_outputs(net, outputs, s)) for s in subsets]
         grads = reference_gmd_grads(losses, params, gmd.draw_orders(len(subsets), generator))
         for p, g in zip(params, grads):
             p.grad = g
@@ -84,6 +93,11 @@ def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
 
     def floor():
         outputs = gmd.ds_branch_outputs(net, x)
+        if gmd.fuses_features(net):  # per subset: decode, loss, one VJP through decoder and its branches
+            for k, s in enumerate(subsets):
+                torch.autograd.grad(loss(net.decode_subset(outputs, s)), params,
+                                    retain_graph=k < len(subsets) - 1, allow_unused=True)
+            return
         for k, s in enumerate(subsets):
             leaves = [f.detach().requires_grad_() for f in gmd._fused(outputs, s)]
             cot = torch.autograd.grad(loss(leaves), leaves, allow_unused=True)
@@ -138,7 +152,7 @@ def accuracy(cfg: dict) -> float:
     gmd.ds_gmd_backward(net, x, subsets, loss, generator=torch.Generator().manual_seed(7))
     fast = [p.grad for p in params]
     outputs = gmd.ds_branch_outputs(net, x)
-    losses = [loss(gmd._fused(outputs, s)) for s in subsets]
+    losses = [loss(gmd.subset_outputs(net, outputs, s)) for s in subsets]
     ref = reference_gmd_grads(losses, params, gmd.draw_orders(len(subsets), torch.Generator().manual_seed(7)))
     num = max(float((f - r).abs().max()) for f, r in zip(fast, ref) if r is not None)
     den = max(float(r.abs().max()) for r in ref if r is not None)
@@ -177,7 +191,10 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch)
+    for name in ("steps", "size", "batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"bench gmd: --{name} must be a positive integer, got {getattr(args, name)}")
+    cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion)
     result = run_benchmark(cfg, progress=not args.json)
     if args.json:
         print(json.dumps(result))
@@ -194,7 +211,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="timed steps per method (median)")
     p.add_argument("--size", type=int, default=DEFAULTS["size"], help="cubic input size")
-    p.add_argument("--batch", type=int, default=DEFAULTS["batch"])
+    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default %(default)s)")
+    p.add_argument("--fusion", choices=FUSION_CHOICES, default=DEFAULTS["fusion"],
+                   help="DS network: fused at the logits (DSUNet) or at every skip (DSFeatureFusionUNet); "
+                        "default %(default)s")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -22,18 +22,18 @@ from nnunet_gmd.monai import (MODALITIES, ApplySubsetd, AvailabilitySlidingWindo
 from nnunet_gmd.monai.gmd_update import CONFLICTS_KEY, training_scalars
 from nnunet_gmd.monai.io import case_name_formatter
 from nnunet_gmd.nnunet.report import check_comparable, load_report
-from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.networks import DSFeatureFusionUNet, DSUNet
 from nnunet_gmd.subsets import SubsetSampler, all_subsets
 
 BUNDLE = Path(__file__).resolve().parents[1] / "monai_bundle"
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def tiny_net(seed: int = 0) -> DSUNet:
+def tiny_net(seed: int = 0, network_class=DSUNet) -> DSUNet:
     torch.manual_seed(seed)
-    return DSUNet(4, 2, [4, 8], torch.nn.Conv3d, 3, [1, 2], 1, 3, 1, conv_bias=True,
-                  norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                  nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    return network_class(4, 2, [4, 8], torch.nn.Conv3d, 3, [1, 2], 1, 3, 1, conv_bias=True,
+                         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True})
 
 
 def write_case(root: Path, name: str, modalities=MODALITIES, shape=(8, 8, 8), seed: int = 0, label=True) -> Path:
@@ -214,9 +214,10 @@ def _trainer(update: GMDIterationUpdate, net: DSUNet, n_iter: int = 2, lr: float
     return trainer, data
 
 
-def test_gmd_update_applies_exactly_the_gmd_gradient_over_all_subsets():
-    net = tiny_net()
-    reference = tiny_net()
+@pytest.mark.parametrize("network_class", [DSUNet, DSFeatureFusionUNet])
+def test_gmd_update_applies_exactly_the_gmd_gradient_over_all_subsets(network_class):
+    net = tiny_net(network_class=network_class)
+    reference = tiny_net(network_class=network_class)
     update = GMDIterationUpdate(subsets_per_step=None, max_grad_norm=None, seed=3)
     trainer, data = _trainer(update, net, n_iter=1, lr=0.1)
     trainer.run()

@@ -67,3 +67,26 @@ def test_plan_train_predict_missing_channel_and_evaluate(tiny_nnunet, trained_gm
             assert block["dice"] is None or 0.0 <= block["dice"] <= 1.0
     for suffix in ("csv", "md", "png"):
         assert (out / f"missing_modality_report.{suffix}").stat().st_size > 100
+
+
+@pytest.mark.slow
+def test_feature_fusion_smoke_training_then_predict_without_flair(tiny_nnunet, tmp_path):
+    """``nnUNetv2_train -tr nnUNetTrainerGMD_FF_smoke``, then ``nnunet-gmd predict`` on a case lacking FLAIR."""
+    ws = tiny_nnunet
+    trainer = "nnUNetTrainerGMD_FF_smoke"
+    run_tool(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu"],
+             ws.env(NNUNET_GMD_FINAL_VALIDATION="0"), timeout=900)
+    ckpt = torch.load(ws.model_folder(trainer) / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["current_epoch"] == 2 and len(ckpt["logging"]["gmd_conflicting_pairs"]) == 2
+    assert any(k.startswith("decoder.") for k in ckpt["network_weights"])
+    inp = make_input_folder(ws, tmp_path / "in", ["Phantom_002"], drop=[3])
+    proc = run_tool(["nnunet-gmd", "predict", "-i", str(inp), "-o", str(tmp_path / "out"), "-d", str(DATASET_ID),
+                     "-c", CONFIG, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", "-nps", "0",
+                     "--disable_progress_bar", "--disable_tta"], ws.env(), timeout=600)
+    assert "Phantom_002: t1+t1ce+t2" in proc.stdout
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "Phantom_002.nii.gz")))
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(inp / "Phantom_002_0000.nii.gz")))
+    assert seg.shape == source.shape and set(np.unique(seg)) <= {0, 1, 2, 3}
+    record = json.loads((tmp_path / "out" / "modality_availability.json").read_text())
+    assert record["cases"] == {"Phantom_002": ["t1", "t1ce", "t2"]}

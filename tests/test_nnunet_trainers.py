@@ -8,7 +8,7 @@ import torch
 from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, nnunet_paths,  # noqa: F401
                             run_tool, tiny_nnunet, trained_gmd_smoke)
 
-from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.networks import DSFeatureFusionUNet, DSUNet
 from nnunet_gmd.subsets import all_subsets, subset_mask
 
 
@@ -137,3 +137,29 @@ def test_initial_lr_environment_override_reaches_the_optimizer(nnunet_paths, mon
     optimizer, _ = trainer.configure_optimizers()
     assert trainer.initial_lr == pytest.approx(3e-3)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3)
+
+
+def test_feature_fusion_network_is_built_from_the_plans_and_loads_strictly(nnunet_paths):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_gmd.nnunet.trainers import nnUNetTrainerGMD_FF
+
+    pre = nnunet_paths.preprocessed / DATASET_NAME
+    plans = PlansManager(str(pre / "nnUNetPlans.json"))
+    cm = plans.get_configuration(CONFIG)
+    with_ds = nnUNetTrainerGMD_FF.build_network_architecture(plans, cm, 4, 3, True)
+    without = nnUNetTrainerGMD_FF.build_network_architecture(plans, cm, 4, 3, False)
+    assert isinstance(with_ds, DSFeatureFusionUNet) and with_ds.fusion == "mean"
+    without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerGMD_FF", "nnUNetTrainerDS_FF"])
+def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, name):
+    trainer = make_trainer(nnunet_paths, name)
+    assert isinstance(trainer.network, DSFeatureFusionUNet)
+    batch = random_batch(trainer, seed=2)
+    net = trainer.network
+    before = [p.detach().clone() for p in net.parameters()]
+    expected = [float(trainer.loss(net(batch["data"], subset_mask(s, 4)), batch["target"])) for s in all_subsets(4)]
+    out = trainer.train_step(batch)
+    assert float(out["loss"]) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -36,7 +36,7 @@ def _add_common(p: argparse.ArgumentParser, default_out: str, default_methods: t
                                                         "(default: reuse finished steps)")
     p.add_argument("--methods", nargs="+", default=list(default_methods),
                    help=f"methods to train and compare (default: {' '.join(default_methods)}; available: "
-                        "stock dropout ds gmd gmd_k5)")
+                        "stock dropout ds gmd gmd_k5 ds_ff gmd_ff gmd_k5_ff)")
     p.add_argument("--epochs", type=_positive, default=None, help="override the preset's epochs per method")
     p.add_argument("--iterations", type=_positive, default=None,
                    help="override the preset's training iterations per epoch")

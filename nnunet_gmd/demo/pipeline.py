@@ -32,6 +32,9 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("ds", "nnUNetTrainerDS", "DS"),
     Method("gmd", "nnUNetTrainerGMD", "GMD"),
     Method("gmd_k5", "nnUNetTrainerGMD_k5", "GMD k=5"),
+    Method("ds_ff", "nnUNetTrainerDS_FF", "DS-FF"),
+    Method("gmd_ff", "nnUNetTrainerGMD_FF", "GMD-FF"),
+    Method("gmd_k5_ff", "nnUNetTrainerGMD_k5_FF", "GMD-FF k=5"),
 )}
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pydoc
 
-from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.networks import FUSIONS, DSFeatureFusionUNet, DSNetworkBase, DSUNet
+
+LOGIT_FUSION = "logits"
 
 # Architecture arguments of PlainConvUNet that DSUNet takes unchanged.
 _PASSED_THROUGH = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage_decoder", "conv_bias", "norm_op_kwargs",
@@ -17,8 +19,12 @@ def scaled_features(features: list[int], width_factor: float) -> list[int]:
 
 
 def ds_unet_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_channels: int, num_output_channels: int,
-                       deep_supervision: bool, width_factor: float = 1.0) -> DSUNet:
-    """A :class:`DSUNet` with ``num_input_channels`` branches laid out as the planned U-Net.
+                       deep_supervision: bool, width_factor: float = 1.0,
+                       fusion: str = LOGIT_FUSION) -> DSNetworkBase:
+    """A DS network with ``num_input_channels`` branches laid out as the planned U-Net.
+
+    ``fusion`` is ``"logits"`` (:class:`DSUNet`) or a feature-fusion operator of
+    :class:`DSFeatureFusionUNet` (``"mean"``, ``"mean_var"``).
 
     Plain U-Net plans map one to one. Residual-encoder plans (``n_blocks_per_stage``) get that many plain
     convolutions per stage instead of residual blocks, since the DS network's blocks are plain convs.
@@ -33,9 +39,13 @@ def ds_unet_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_channe
     n_conv = kwargs.get("n_conv_per_stage", kwargs.get("n_blocks_per_stage"))
     if n_conv is None:
         raise ValueError(f"plans architecture {arch_class_name} has neither n_conv_per_stage nor n_blocks_per_stage")
+    if fusion != LOGIT_FUSION and fusion not in FUSIONS:
+        raise ValueError(f"fusion must be {LOGIT_FUSION!r} or one of {FUSIONS}, got {fusion!r}")
     features = kwargs["features_per_stage"]
     features = [features] * kwargs["n_stages"] if isinstance(features, int) else list(features)
-    return DSUNet(
+    network_class = DSUNet if fusion == LOGIT_FUSION else DSFeatureFusionUNet
+    extra = {} if fusion == LOGIT_FUSION else {"fusion": fusion}
+    return network_class(
         num_modalities=num_input_channels,
         features_per_stage=scaled_features(features, width_factor),
         n_conv_per_stage=n_conv,
@@ -46,4 +56,5 @@ def ds_unet_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_channe
         nonlin=kwargs.get("nonlin"),
         deep_supervision=deep_supervision,
         **{k: kwargs.get(k) for k in _PASSED_THROUGH if k in kwargs},
+        **extra,
     )

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunet_gmd.cli import UserError
-from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.networks import DSNetworkBase
 from nnunet_gmd.nnunet import ext_trainer_path
 from nnunet_gmd.nnunet.files import nifti_problem, write_json_atomic
 from nnunet_gmd.subsets import Subset, subset_mask
@@ -138,10 +138,10 @@ def unwrap(network: nn.Module) -> nn.Module:
             return network
 
 
-def ds_network(predictor: nnUNetPredictor) -> Optional[DSUNet]:
+def ds_network(predictor: nnUNetPredictor) -> Optional[DSNetworkBase]:
     """The predictor's network if it is a Dynamic Sharing network (it can switch branches off), else None."""
     net = unwrap(predictor.network)
-    return net if isinstance(net, DSUNet) else None
+    return net if isinstance(net, DSNetworkBase) else None
 
 
 # ---------------------------------------------------------------------------------------------- input discovery

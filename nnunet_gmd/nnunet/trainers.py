@@ -3,6 +3,8 @@
 * ``nnUNetTrainerGMD``: Dynamic Sharing network, exact GMD over all 2^M - 1 modality subsets per step.
 * ``nnUNetTrainerGMD_k5``: GMD over 5 subsets sampled per step, as in the paper.
 * ``nnUNetTrainerDS``: Dynamic Sharing network on the mean of the subset losses, no decoupling (the ablation).
+* ``nnUNetTrainerDS_FF``, ``nnUNetTrainerGMD_FF``, ``nnUNetTrainerGMD_k5_FF``: the same three on the feature-fusion
+  DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
 Every per-subset loss is nnU-Net's own loss (DC+CE or the region loss, deep-supervision weighted) on the mean of
@@ -23,9 +25,9 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_gmd.gmd import GMDStats, ds_gmd_backward, ds_subset_losses
-from nnunet_gmd.networks import DSUNet
+from nnunet_gmd.networks import DSNetworkBase
 from nnunet_gmd.nnunet.baselines import OptionalFinalValidation, apply_budget_from_env
-from nnunet_gmd.nnunet.network import ds_unet_from_plans
+from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
 
@@ -43,6 +45,7 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
     """
 
     width_factor: float = 0.5  # four half-width branches cost about one stock network
+    fusion: str = LOGIT_FUSION  # "logits" (DSUNet) or a feature-fusion operator ("mean", "mean_var")
     subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
     include_full_set: bool = False  # always put the full set in a sampled draw
     budget: dict = {}  # trainer attributes (num_epochs, ...) set before the NNUNET_GMD_* environment overrides
@@ -68,7 +71,7 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
                              "modalities; train the DS/GMD trainers on a full-resolution or 2d configuration")
         return ds_unet_from_plans(configuration_manager.network_arch_class_name,
                                   configuration_manager.network_arch_init_kwargs, num_input_channels,
-                                  num_output_channels, enable_deep_supervision, cls.width_factor)
+                                  num_output_channels, enable_deep_supervision, cls.width_factor, cls.fusion)
 
     def initialize(self):
         if not self.was_initialized:
@@ -84,7 +87,7 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
                                    "taken with torch.autograd.grad through the branch graphs, outside forward()")
         return False
 
-    def _ds_network(self) -> DSUNet:
+    def _ds_network(self) -> DSNetworkBase:
         net = self.network.module if self.is_ddp else self.network
         return net._orig_mod if isinstance(net, OptimizedModule) else net
 
@@ -260,6 +263,25 @@ class nnUNetTrainerGMD_k5(nnUNetTrainerGMD):
     subsets_per_step = 5
 
 
+# ---------------------------------------------------------------------------- feature fusion
+class nnUNetTrainerDS_FF(nnUNetTrainerDS):
+    """The DS ablation (mean of the subset losses) on the feature-fusion DS network."""
+
+    fusion = "mean"
+
+
+class nnUNetTrainerGMD_FF(nnUNetTrainerGMD):
+    """Exact GMD over all subsets on the feature-fusion DS network."""
+
+    fusion = "mean"
+
+
+class nnUNetTrainerGMD_k5_FF(nnUNetTrainerGMD_k5):
+    """GMD over 5 sampled subsets on the feature-fusion DS network."""
+
+    fusion = "mean"
+
+
 # ---------------------------------------------------------------------------- smoke variants
 _SMOKE_BUDGET = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}
 
@@ -276,5 +298,19 @@ class nnUNetTrainerGMD_k5_smoke(nnUNetTrainerGMD_k5):
     budget = _SMOKE_BUDGET
 
 
+class nnUNetTrainerDS_FF_smoke(nnUNetTrainerDS_FF):
+    budget = _SMOKE_BUDGET
+
+
+class nnUNetTrainerGMD_FF_smoke(nnUNetTrainerGMD_FF):
+    budget = _SMOKE_BUDGET
+
+
+class nnUNetTrainerGMD_k5_FF_smoke(nnUNetTrainerGMD_k5_FF):
+    budget = _SMOKE_BUDGET
+
+
 __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNetTrainerDS_smoke",
-           "nnUNetTrainerGMD_smoke", "nnUNetTrainerGMD_k5_smoke"]
+           "nnUNetTrainerGMD_smoke", "nnUNetTrainerGMD_k5_smoke", "nnUNetTrainerDS_FF", "nnUNetTrainerGMD_FF",
+           "nnUNetTrainerGMD_k5_FF", "nnUNetTrainerDS_FF_smoke", "nnUNetTrainerGMD_FF_smoke",
+           "nnUNetTrainerGMD_k5_FF_smoke"]
