@@ -71,3 +71,13 @@ def test_initial_learning_rate_override_is_validated():
     for bad in ("0", "-1e-3", "fast", "nan"):
         with pytest.raises(ValueError, match="NNUNET_GMD_INITIAL_LR"):
             initial_lr_from_env({"NNUNET_GMD_INITIAL_LR": bad})
+
+
+def test_num_threads_variable_is_validated():
+    from nnunet_gmd.nnunet.baselines import num_threads_from_env
+
+    assert num_threads_from_env({}) is None and num_threads_from_env({"NNUNET_GMD_NUM_THREADS": ""}) is None
+    assert num_threads_from_env({"NNUNET_GMD_NUM_THREADS": "3"}) == 3
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(ValueError, match="NNUNET_GMD_NUM_THREADS"):
+            num_threads_from_env({"NNUNET_GMD_NUM_THREADS": bad})

@@ -139,6 +139,17 @@ def test_initial_lr_environment_override_reaches_the_optimizer(nnunet_paths, mon
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3)
 
 
+def test_num_threads_environment_override_sets_torch_threads(nnunet_paths, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("NNUNET_GMD_NUM_THREADS", "1")
+    try:
+        torch.set_num_threads(2)
+        make_trainer(nnunet_paths, "nnUNetTrainerBudget")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_feature_fusion_network_is_built_from_the_plans_and_loads_strictly(nnunet_paths):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_gmd.nnunet.trainers import nnUNetTrainerGMD_FF

@@ -28,6 +28,7 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerModalityDropout", "nnUNetTrainer
 
 FINAL_VALIDATION_ENV = "NNUNET_GMD_FINAL_VALIDATION"
 INITIAL_LR_ENV = "NNUNET_GMD_INITIAL_LR"
+NUM_THREADS_ENV = "NNUNET_GMD_NUM_THREADS"
 BUDGET_ENV_VARS = {
     "NNUNET_GMD_NUM_EPOCHS": "num_epochs",
     "NNUNET_GMD_ITERS_PER_EPOCH": "num_iterations_per_epoch",
@@ -83,13 +84,35 @@ class OptionalFinalValidation:
         self.print_to_log_file(f"final validation skipped ({FINAL_VALIDATION_ENV}=0)", also_print_to_console=True)
 
 
+def num_threads_from_env(environ: dict | None = None) -> int | None:
+    """``NNUNET_GMD_NUM_THREADS`` as a positive integer, or None when unset.
+
+    ``nnUNetv2_train -device cpu`` sets torch's intra-op threads to every core. On a shared CPU (several jobs on
+    two cores) that oversubscribes: threads spin at every op's barrier and a step runs many times slower.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(NUM_THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable {NUM_THREADS_ENV}={raw!r} must be a positive integer")
+    return value
+
+
 def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
-    """Override epochs / iterations (and the initial learning rate) of an initialised-in-``__init__`` trainer."""
+    """Override epochs / iterations (and the initial learning rate, CPU threads) of a trainer in ``__init__``."""
     for attribute, value in budget_from_env().items():
         setattr(trainer, attribute, value)
     lr = initial_lr_from_env()
     if lr is not None:
         trainer.initial_lr = lr
+    threads = num_threads_from_env()
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
