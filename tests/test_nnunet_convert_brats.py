@@ -126,7 +126,54 @@ def test_bad_files_are_named(brats_src, tmp_path, capsys):
     bad = np.asarray(s.dataobj).copy()
     bad[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(bad, s.affine), seg)
-    _one_line_error(capsys, _convert(src, tmp_path / "raw"), case.name, seg.name, "unexpected labels [0, 1, 2, 4, 7]")
+    _one_line_error(capsys, _convert(src, tmp_path / "raw"), case.name, seg.name, "labels [0, 1, 2, 4, 7]")
+    assert not list((tmp_path / "raw").glob(".*partial")), "a label error must not leave a hidden partial dataset"
+
+
+def _copy_case(brats_src: Path, dest: Path) -> Path:
+    case = sorted(brats_src.iterdir())[0]
+    (dest / case.name).mkdir(parents=True)
+    for f in case.iterdir():
+        (dest / case.name / f.name).write_bytes(f.read_bytes())
+    return dest / case.name
+
+
+@pytest.mark.parametrize("damage,fragment", [("shift", "origin"), ("flip", "direction")])
+def test_misregistered_sequences_are_refused(brats_src, tmp_path, capsys, damage, fragment):
+    case = _copy_case(brats_src, tmp_path / "src")
+    name = f"{case.name}_{'t2' if damage == 'shift' else 'flair'}.nii.gz"
+    img = sitk.ReadImage(str(case / name))
+    if damage == "shift":
+        img.SetOrigin(tuple(o + (30.0 if i == 0 else 0.0) for i, o in enumerate(img.GetOrigin())))
+    else:
+        direction = list(img.GetDirection())
+        direction[0] = -direction[0]
+        img.SetDirection(direction)
+    sitk.WriteImage(img, str(case / name), True)
+    _one_line_error(capsys, _convert(tmp_path / "src", tmp_path / "raw"), case.name, name, fragment)
+
+
+def test_label_convention_is_decided_once_per_dataset(brats_src, tmp_path, capsys):
+    """A 2018-named case whose segmentation uses 3 (the 2023 enhancing-tumour label) is an error, not 2023."""
+    case = _copy_case(brats_src, tmp_path / "src")
+    seg = case / f"{case.name}_seg.nii.gz"
+    s = nib.load(seg)
+    data = np.asarray(s.dataobj).copy()
+    data[data == 4] = 3
+    nib.save(nib.Nifti1Image(data, s.affine), seg)
+    _one_line_error(capsys, _convert(tmp_path / "src", tmp_path / "raw"), case.name, seg.name, "2018-2021 convention")
+    # mixing the two naming conventions in one source folder is refused too
+    other = tmp_path / "src" / "BraTS-GLI-00009-000"
+    other.mkdir()
+    for old, new in zip(MODALITIES_2021, MODALITIES_2023):
+        (other / f"{other.name}-{new}.nii.gz").write_bytes((case / f"{case.name}_{old}.nii.gz").read_bytes())
+    _one_line_error(capsys, _convert(tmp_path / "src", tmp_path / "raw"), "both BraTS file-name conventions")
+
+
+def test_raw_dir_that_is_a_file_is_a_one_line_error(brats_src, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.write_text("not a folder")
+    _one_line_error(capsys, _convert(brats_src, raw), str(raw), "is a file")
 
 
 def test_existing_dataset_and_id_clash(brats_src, tmp_path, capsys):

@@ -85,14 +85,29 @@ def find_cases(src: Path) -> list[BratsCase]:
     return cases
 
 
-def _header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+@dataclass(frozen=True)
+class _Grid:
+    """Where an image's voxels lie: what every file of one case must share."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+
+def _header(path: Path, case_id: str) -> _Grid:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise UserError(f"case {case_id}: cannot read {path.name}: {str(e).strip().splitlines()[-1]}") from None
-    return tuple(reader.GetSize()), tuple(reader.GetSpacing())
+    return _Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
+                 tuple(reader.GetDirection()))
+
+
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
 
 
 def check_case(case: BratsCase, need_all_channels: bool) -> None:
@@ -104,23 +119,52 @@ def check_case(case: BratsCase, need_all_channels: bool) -> None:
         raise UserError(f"case {case.case_id}: labelled training case lacks {', '.join(missing)} "
                         f"(nnU-Net trains on all four sequences)")
     files = list(case.channels.values()) + ([case.seg] if case.seg is not None else [])
-    ref_size, ref_spacing = _header(files[0], case.case_id)
     for f in files:
         problem = nifti_problem(f)
         if problem:
             raise UserError(f"case {case.case_id}: cannot read {f.name} ({problem})")
+    ref = _header(files[0], case.case_id)
     for f in files[1:]:
-        size, spacing = _header(f, case.case_id)
-        if size != ref_size:
-            raise UserError(f"case {case.case_id}: {f.name} has shape {size}, {files[0].name} has {ref_size}")
-        if not np.allclose(spacing, ref_spacing, rtol=1e-5, atol=1e-6):
-            raise UserError(f"case {case.case_id}: {f.name} has spacing {spacing}, {files[0].name} has {ref_spacing}")
+        grid = _header(f, case.case_id)
+        if grid.size != ref.size:
+            raise UserError(f"case {case.case_id}: {f.name} has shape {grid.size}, {files[0].name} has {ref.size}")
+        if not np.allclose(grid.spacing, ref.spacing, rtol=1e-5, atol=1e-6):
+            raise UserError(f"case {case.case_id}: {f.name} has spacing {_rounded(grid.spacing)}, {files[0].name} "
+                            f"has {_rounded(ref.spacing)}")
+        # misregistered sequences (a shifted origin, flipped axes) would be stacked voxel by voxel as if aligned
+        if not np.allclose(grid.origin, ref.origin, rtol=0, atol=1e-3 * max(ref.spacing)):
+            raise UserError(f"case {case.case_id}: {f.name} has origin {_rounded(grid.origin)} mm, {files[0].name} "
+                            f"has {_rounded(ref.origin)} mm (the sequences are not registered to one grid)")
+        if not np.allclose(grid.direction, ref.direction, rtol=0, atol=1e-4):
+            raise UserError(f"case {case.case_id}: {f.name} has direction {_rounded(grid.direction)}, "
+                            f"{files[0].name} has {_rounded(ref.direction)} (flipped or rotated axes)")
 
 
-def brats_to_nnunet_labels(seg: np.ndarray, where: str = "segmentation") -> np.ndarray:
-    """Map BraTS labels (2018-2021: 0/1/2/4; 2023: 0/1/2/3) to nnU-Net's consecutive 0/1/2/3 of Dataset137."""
+#: Label convention name -> BraTS label -> nnU-Net label.
+LABEL_CONVENTIONS: dict[str, dict[int, int]] = {"2018-2021": _LABEL_MAP_2021, "2023": _LABEL_MAP_2023}
+
+
+def naming_convention(case: BratsCase) -> str:
+    """``"2023"`` for the BraTS 2023 file names (t1n, t1c, t2w, t2f), else ``"2018-2021"``."""
+    names = [f.name for f in case.channels.values()]
+    return "2023" if any(_FILE_RE.match(n).group("kind").lower() in ("t1n", "t1c", "t2w", "t2f") for n in names) \
+        else "2018-2021"
+
+
+def brats_to_nnunet_labels(seg: np.ndarray, where: str = "segmentation",
+                           convention: Optional[str] = None) -> np.ndarray:
+    """Map BraTS labels (2018-2021: 0/1/2/4; 2023: 0/1/2/3) to nnU-Net's consecutive 0/1/2/3 of Dataset137.
+
+    With ``convention`` given, labels outside it are an error: one dataset must not mix conventions (a 3 in a
+    2018-named case would otherwise silently become enhancing tumour).
+    """
     found = set(np.unique(seg).tolist())
-    if found <= set(_LABEL_MAP_2021):
+    if convention is not None:
+        mapping = LABEL_CONVENTIONS[convention]
+        if not found <= set(mapping):
+            raise UserError(f"{where}: labels {sorted(found)} do not fit the BraTS {convention} convention of this "
+                            f"dataset ({', '.join(map(str, sorted(mapping)))})")
+    elif found <= set(_LABEL_MAP_2021):
         mapping = _LABEL_MAP_2021
     elif found <= set(_LABEL_MAP_2023):
         mapping = _LABEL_MAP_2023
@@ -144,13 +188,13 @@ def _copy_image(src: Path, dst: Path) -> None:
         sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), True)
 
 
-def _convert_seg(case: BratsCase, dst: Path) -> None:
+def _convert_seg(case: BratsCase, dst: Path, convention: str) -> None:
     try:
         img = sitk.ReadImage(str(case.seg))
     except RuntimeError as e:
         raise UserError(f"case {case.case_id}: cannot read {case.seg.name}: {str(e).strip().splitlines()[-1]}") \
             from None
-    seg = brats_to_nnunet_labels(sitk.GetArrayFromImage(img), f"case {case.case_id}: {case.seg.name}")
+    seg = brats_to_nnunet_labels(sitk.GetArrayFromImage(img), f"case {case.case_id}: {case.seg.name}", convention)
     out = sitk.GetImageFromArray(seg)
     out.CopyInformation(img)
     sitk.WriteImage(out, str(dst), True)
@@ -177,6 +221,14 @@ def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Opt
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise UserError(f"--name must be letters, digits, '_' or '-', got {name!r}")
     root = _raw_root(raw_root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"raw folder {root} is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the raw folder {root}: {e.strerror}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"raw folder {root} is not writable")
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     target = root / folder_name
     if root.is_dir():
@@ -191,19 +243,16 @@ def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Opt
     for case in tqdm(cases, desc="checking cases", unit="case"):
         check_case(case, need_all_channels=case.seg is not None)
     labelled = [c for c in cases if c.seg is not None]
+    convention = _dataset_convention(cases)
 
     tmp = root / f".{folder_name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (tmp / sub).mkdir(parents=True)
-    for case in tqdm(cases, desc=f"converting to {folder_name}", unit="case"):
-        images = tmp / ("imagesTr" if case.seg is not None else "imagesTs")
-        for index, channel in CHANNEL_NAMES.items():
-            if channel in case.channels:
-                _copy_image(case.channels[channel], images / f"{case.case_id}_{index:04d}.nii.gz")
-        if case.seg is not None:
-            _convert_seg(case, tmp / "labelsTr" / f"{case.case_id}.nii.gz")
+    try:
+        _write_cases(cases, tmp, folder_name, convention)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no hidden half-written dataset after an error
+        raise
     if not any((tmp / "imagesTs").iterdir()):
         (tmp / "imagesTs").rmdir()
     generate_dataset_json(str(tmp), channel_names=dict(CHANNEL_NAMES), labels=dict(LABELS),
@@ -216,6 +265,29 @@ def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Opt
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def _dataset_convention(cases: list[BratsCase]) -> str:
+    """The one label convention of a dataset, decided by its file names; mixed names are an error."""
+    by_convention: dict[str, str] = {}
+    for case in cases:
+        by_convention.setdefault(naming_convention(case), case.case_id)
+    if len(by_convention) > 1:
+        raise UserError(f"cases use both BraTS file-name conventions (e.g. {by_convention['2018-2021']} the "
+                        f"2018-2021 names, {by_convention['2023']} the 2023 names); convert them as two datasets")
+    return next(iter(by_convention), "2018-2021")
+
+
+def _write_cases(cases: list[BratsCase], tmp: Path, folder_name: str, convention: str) -> None:
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (tmp / sub).mkdir(parents=True)
+    for case in tqdm(cases, desc=f"converting to {folder_name}", unit="case"):
+        images = tmp / ("imagesTr" if case.seg is not None else "imagesTs")
+        for index, channel in CHANNEL_NAMES.items():
+            if channel in case.channels:
+                _copy_image(case.channels[channel], images / f"{case.case_id}_{index:04d}.nii.gz")
+        if case.seg is not None:
+            _convert_seg(case, tmp / "labelsTr" / f"{case.case_id}.nii.gz", convention)
 
 
 def summary(dataset_folder: Path) -> str:
