@@ -174,3 +174,14 @@ def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, 
     out = trainer.train_step(batch)
     assert float(out["loss"]) == pytest.approx(np.mean(expected), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerBudget", "nnUNetTrainerGMD"])
+def test_checkpoint_latest_every_epoch_written_atomically(nnunet_paths, tmp_path, name):
+    trainer = make_trainer(nnunet_paths, name)
+    assert trainer.save_every == 1  # nnU-Net's on_epoch_end then writes checkpoint_latest every epoch
+    target = tmp_path / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(target))
+    assert not list(tmp_path.glob("*.tmp"))
+    saved = torch.load(target, map_location="cpu", weights_only=False)
+    assert saved["trainer_name"] == name and "network_weights" in saved

@@ -103,8 +103,26 @@ def num_threads_from_env(environ: dict | None = None) -> int | None:
     return value
 
 
+class AtomicCheckpoints:
+    """Mixin (before the nnU-Net trainer base): nnU-Net's own checkpoint, written to a temp file, then renamed.
+
+    A kill during ``torch.save`` then leaves the previous checkpoint intact instead of a truncated one.
+    """
+
+    def save_checkpoint(self, filename: str) -> None:
+        tmp = f"{filename}.tmp"
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):  # rank 0 with checkpointing enabled
+            os.replace(tmp, filename)
+
+
 def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
-    """Override epochs / iterations (and the initial learning rate, CPU threads) of a trainer in ``__init__``."""
+    """Override epochs / iterations (and the initial learning rate, CPU threads) of a trainer in ``__init__``.
+
+    Also writes ``checkpoint_latest.pth`` every epoch (nnU-Net: every 50), so ``--c`` after a crash loses at most
+    one epoch; our checkpoints are written atomically.
+    """
+    trainer.save_every = 1
     for attribute, value in budget_from_env().items():
         setattr(trainer, attribute, value)
     lr = initial_lr_from_env()
@@ -128,7 +146,7 @@ def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> to
     return data * keep.view(shape).to(device=data.device, dtype=data.dtype)
 
 
-class nnUNetTrainerBudget(OptionalFinalValidation, nnUNetTrainer):
+class nnUNetTrainerBudget(AtomicCheckpoints, OptionalFinalValidation, nnUNetTrainer):
     """Stock nnU-Net training, with the budget taken from ``NNUNET_GMD_*`` environment variables.
 
     nnU-Net records ``__init__``'s named parameters to re-create a trainer from a checkpoint, so every subclass
