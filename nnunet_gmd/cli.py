@@ -25,8 +25,23 @@ class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
 
 
+DESCRIPTION = ("One segmentation model for any subset of MRI sequences, for nnU-Net v2 and MONAI: Dynamic Sharing "
+               "networks trained with Gradient-Guided Modality Decoupling (GMD, AAAI 2024), missing-modality "
+               "prediction and a per-subset robustness report.")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nnunet-gmd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunet-gmd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="nnunet-gmd", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"nnunet-gmd {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

@@ -80,7 +80,7 @@ def _benchmark_split(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 15 min on 2 CPU cores)",
+        "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 6 min on an idle 2-core CPU)",
         description="Generate BraTS-like brain phantoms, convert them to an nnU-Net dataset, plan and preprocess, "
                     "train nnUNetTrainerGMD and stock nnU-Net under the same budget, evaluate both under all 15 "
                     "modality subsets and compare them (tables, heatmaps, plot). Finished steps are reused.")
@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train stock nnU-Net (zero-filled missing channels), nnU-Net with random modality dropout, "
                     "DS, GMD and GMD k=5 on --train under one budget and evaluate each on --test under all 15 "
                     "modality subsets (whole tumor, tumor core, enhancing tumor). Preset cpu: 3 mm, a narrow "
-                    "network, about 90 min on 2 cores; preset full: nnU-Net's default plans and 1000 epochs (GPU).")
+                    "network, about 1 h for the five default methods on 8 + 4 cases on an idle 2-core CPU (exact GMD "
+                    "takes half of it); preset full: nnU-Net's default plans and 1000 epochs (GPU).")
     b.add_argument("--train", required=True, help="folder of BraTS case folders to train on")
     b.add_argument("--test", required=True, help="folder of BraTS case folders to test on (with _seg files)")
     b.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run settings (default cpu)")
