@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from nnunet_gmd.cli import UserError  # noqa: E402
 from nnunet_gmd.demo.per_case import CaseScores, case_scores  # noqa: E402
+from nnunet_gmd.demo.results import SHORT_REGION  # noqa: E402
 from nnunet_gmd.demo.workspace import reports_root, write_json_atomic  # noqa: E402
 from nnunet_gmd.nnunet.files import atomic_write, write_text_atomic  # noqa: E402
 from nnunet_gmd.nnunet.report import REPORT_JSON  # noqa: E402
@@ -198,7 +199,7 @@ class PairedDifferences:
                             for measure in MEASURES}
 
     def measure_title(self, measure: str) -> str:
-        regions = "/".join(self.regions)
+        regions = "/".join(SHORT_REGION.get(r, r) for r in self.regions)
         return (f"mean over the {self.n_missing} subsets with a missing modality ({regions} averaged)"
                 if measure == "missing" else f"full set, every modality present ({regions} averaged)")
 
