@@ -102,10 +102,13 @@ class Difference:
         return self.low > 0 or self.high < 0
 
 
+MIN_CASES = 3   # two cases resample to only three distinct means: no interval worth printing
+
+
 def bootstrap_interval(diff: np.ndarray, boot: Bootstrap) -> tuple[float, float]:
-    """Percentile interval of the mean of ``diff`` (NaN, NaN for fewer than two values)."""
+    """Percentile interval of the mean of ``diff`` (NaN, NaN for fewer than ``MIN_CASES`` values)."""
     diff = np.asarray(diff, dtype=float)
-    if diff.size < 2:
+    if diff.size < MIN_CASES:
         return math.nan, math.nan
     from scipy.stats import bootstrap   # scipy comes with nnU-Net; imported here to keep module import light
 
@@ -212,7 +215,8 @@ class PairedDifferences:
                 "seeds); \"ahead\" counts the cases where that method's Dice is higher",
                 f"interval: {self.boot.describe()}",
                 "with under about 10 cases the percentile interval is too narrow (it undercovers) and moves with "
-                "single cases; read an interval that excludes 0 as a pointer, not a proof"]
+                f"single cases; read an interval that excludes 0 as a pointer, not a proof (none below {MIN_CASES} "
+                "cases)"]
 
     def to_markdown(self, title: str = "Paired differences between methods, per test case") -> str:
         lines = [f"# {title}", ""] + [f"- {line}" for line in self.method_lines()] + [""]

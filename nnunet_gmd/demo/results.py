@@ -13,8 +13,8 @@ import csv
 import io
 import math
 import os
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
