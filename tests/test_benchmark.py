@@ -111,6 +111,11 @@ def test_benchmark_smoke_on_real_brats_cases(tmp_path):
     assert md.count("\n| ") >= 2 + 15           # means table rows + one row per subset
     assert (out / "benchmark_results.png").stat().st_size > 0
     assert (out / "missing_modality_comparison.png").stat().st_size > 0
+    paired = json.loads((out / "paired_differences.json").read_text())    # written from the reports just made
+    assert paired["test_cases"] == [TEST_CASE] and len(paired["differences"]["missing"]) == 1
+    assert paired["differences"]["missing"][0]["method"] == "GMD k=5" and \
+        paired["differences"]["missing"][0]["ci_low"] is None           # one test case: no interval
+    assert (out / "paired_differences.png").stat().st_size > 0
     # Nothing was copied from the shared folder into the output beyond nnU-Net's converted dataset.
     assert all((out / "cases" / c).is_symlink() for c in (*TRAIN_CASES, TEST_CASE))
 

@@ -185,3 +185,21 @@ def test_checkpoint_latest_every_epoch_written_atomically(nnunet_paths, tmp_path
     assert not list(tmp_path.glob("*.tmp"))
     saved = torch.load(target, map_location="cpu", weights_only=False)
     assert saved["trainer_name"] == name and "network_weights" in saved
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerGMD_k5", "nnUNetTrainerModalityDropout"])
+def test_seed_variable_repeats_and_varies_initial_weights_and_our_generators(nnunet_paths, monkeypatch, name):
+    """``NNUNET_GMD_SEED`` (set by ``--seeds``): one seed gives the same start, another seed a different one."""
+    def start(seed: int):
+        monkeypatch.setenv("NNUNET_GMD_SEED", str(seed))
+        trainer = make_trainer(nnunet_paths, name)
+        weights = torch.cat([p.detach().flatten() for p in trainer.network.parameters()])
+        generator = trainer.subset_sampler.generator if hasattr(trainer, "subset_sampler") \
+            else trainer.dropout_generator
+        return weights, generator.initial_seed()
+
+    (w1, g1), (w1_again, g1_again), (w2, g2) = start(1), start(1), start(2)
+    assert torch.equal(w1, w1_again) and g1 == g1_again
+    assert not torch.equal(w1, w2) and g2 - g1 == 1000
+    base = 1234 if name.startswith("nnUNetTrainerGMD") else 12345       # seed 0 keeps the historical seeds
+    assert start(0)[1] == base

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_gmd.cli import UserError
-from nnunet_gmd.demo.pipeline import Method, train_and_evaluate_all, write_results
+from nnunet_gmd.demo.pipeline import Method, total_steps, train_and_evaluate_all, write_results
 from nnunet_gmd.demo.planning import plan_and_preprocess, write_split
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.workspace import Workspace
@@ -77,8 +77,11 @@ def split_folder(src: Path, out: Path, n_test: int, seed: int = 0) -> tuple[list
 
 
 def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset, methods: Sequence[Method],
-                  device: str, fresh: bool = False) -> dict[str, Path]:
-    """Run (or resume) the benchmark in ``out_dir``; returns the paths of the results files."""
+                  device: str, fresh: bool = False, seeds: int = 1) -> dict[str, Path]:
+    """Run (or resume) the benchmark in ``out_dir``; returns the paths of the results files.
+
+    ``seeds`` trainings per method (seed 0 is the single-run layout, so a later call with more seeds reuses it).
+    """
     train = _labelled_case_ids(train_dir, "training")
     test = _labelled_case_ids(test_dir, "test")
     clash = sorted(set(train) & set(test))
@@ -88,7 +91,7 @@ def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset
                 "test": [str(Path(test_dir).resolve()), test], "preset": preset.as_dict()}
     ws = Workspace(out_dir, settings, fresh=fresh)
     started = time.monotonic()
-    total = 3 + 2 * len(methods) + 1
+    total = total_steps(len(methods), seeds)
     print(f"nnunet-gmd benchmark brats in {ws.root}: {len(train)} training cases ({train_dir}), {len(test)} test "
           f"cases ({test_dir}); {preset.describe()}; device {device}")
     dataset_name = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
@@ -107,9 +110,10 @@ def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset
         write_split(ws, dataset_name, train, test)
     ws.run_step("plan", f"[3/{total}] nnU-Net planning and preprocessing ({preset.plans_name})", plan)
 
-    train_and_evaluate_all(ws, DATASET_ID, preset, methods, device, first_step=4, total_steps=total)
+    train_and_evaluate_all(ws, DATASET_ID, preset, methods, device, first_step=4, total_steps=total,
+                           seeds=seeds)
 
     details = [f"training set: {len(train)} cases from {train_dir}; test set: {len(test)} cases from {test_dir}"]
     return write_results(ws, methods, preset, dataset_name, "benchmark_results",
                          "nnunet-gmd benchmark: BraTS missing-modality Dice", details, started, total,
-                         extra={"train_cases": train, "test_cases": test})
+                         extra={"train_cases": train, "test_cases": test}, seeds=seeds)

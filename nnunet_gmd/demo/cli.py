@@ -44,6 +44,9 @@ def _add_common(p: argparse.ArgumentParser, default_out: str, default_methods: t
                    help="override the preset's validation iterations per epoch")
     p.add_argument("-device", "--device", default=None, choices=("cpu", "cuda", "mps"),
                    help="default: cuda when available, else cpu")
+    p.add_argument("--seeds", type=_positive, default=1,
+                   help="train every method N times, with NNUNET_GMD_SEED=0..N-1 (default 1); tables show mean ± "
+                        "sd over seeds. Seed 0 is the single-run layout, so raising N reuses what is finished")
 
 
 def _preset(args: argparse.Namespace):
@@ -56,7 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     data = DemoData(n_cases=args.cases, n_test=args.test_cases, size=args.size, seed=args.seed)
     run_demo(Path(args.output), _preset(args), parse_methods(args.methods), data, _device(args.device),
-             fresh=args.fresh)
+             fresh=args.fresh, seeds=args.seeds)
     return 0
 
 
@@ -65,7 +68,7 @@ def _benchmark_brats(args: argparse.Namespace) -> int:
     from nnunet_gmd.demo.pipeline import parse_methods
 
     run_benchmark(Path(args.train), Path(args.test), Path(args.output), _preset(args),
-                  parse_methods(args.methods), _device(args.device), fresh=args.fresh)
+                  parse_methods(args.methods), _device(args.device), fresh=args.fresh, seeds=args.seeds)
     return 0
 
 
@@ -75,6 +78,19 @@ def _benchmark_split(args: argparse.Namespace) -> int:
     train, test = split_folder(Path(args.src), Path(args.output), args.test, args.seed)
     print(f"{args.output}/train: {len(train)} cases; {args.output}/test: {len(test)} cases ({', '.join(test)})")
     print(f"next: nnunet-gmd benchmark brats --train {args.output}/train --test {args.output}/test")
+    return 0
+
+
+def _benchmark_stats(args: argparse.Namespace) -> int:
+    from nnunet_gmd.demo.paired import Bootstrap, write_paired_differences
+    from nnunet_gmd.demo.pipeline import METHODS
+
+    labels = {key: m.label for key, m in METHODS.items()}
+    paths = write_paired_differences(Path(args.run), args.methods, labels,
+                                     Path(args.output) if args.output else None, args.seeds,
+                                     Bootstrap(args.resamples, 0.95, args.bootstrap_seed))
+    print(paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
@@ -92,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("benchmark", help="benchmarks against baselines (benchmark brats)")
+    p = sub.add_parser("benchmark", help="benchmarks against baselines (benchmark brats, split, stats)")
     bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     bench.required = True
     b = bench.add_parser(
@@ -116,3 +132,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--test", type=_positive, required=True, help="number of test cases")
     s.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     s.set_defaults(func=_benchmark_split)
+
+    t = bench.add_parser(
+        "stats", help="paired per-case differences between the methods of a finished run, with bootstrap intervals",
+        description="Read a finished output folder of 'benchmark brats' or 'demo' (reports/<method>/, "
+                    "reports_seed<k>/<method>/) and write paired_differences.{md,csv,json,png}: for each pair of "
+                    "methods the per-case difference on the mean over the missing-modality subsets and on the full "
+                    "set, its mean, a 95% percentile bootstrap interval over the test cases and how many cases "
+                    "favour each side. Trains nothing.")
+    t.add_argument("run", help="output folder of nnunet-gmd benchmark brats (or demo)")
+    t.add_argument("--methods", nargs="+", default=None,
+                   help="method keys (report folder names) in the order to compare; default: every method with a "
+                        "report, in the benchmark's order")
+    t.add_argument("--seeds", type=_positive, default=None,
+                   help="use training seeds 0..N-1 of every method (default: every seed found per method)")
+    t.add_argument("-o", "--output", default=None, help="folder to write into (default: the run folder)")
+    t.add_argument("--resamples", type=_positive, default=10000, help="bootstrap resamples (default 10000)")
+    t.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap generator seed (default 0)")
+    t.set_defaults(func=_benchmark_stats)

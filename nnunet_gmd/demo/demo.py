@@ -13,7 +13,7 @@ from typing import Sequence
 
 from nnunet_gmd.cli import UserError
 from nnunet_gmd.demo.phantoms import write_brats_like_cases
-from nnunet_gmd.demo.pipeline import Method, train_and_evaluate_all, write_results
+from nnunet_gmd.demo.pipeline import Method, total_steps, train_and_evaluate_all, write_results
 from nnunet_gmd.demo.planning import plan_and_preprocess, write_split
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.workspace import Workspace
@@ -40,13 +40,13 @@ class DemoData:
 
 
 def run_demo(out_dir: Path, preset: Preset, methods: Sequence[Method], data: DemoData, device: str,
-             fresh: bool = False) -> dict[str, Path]:
+             fresh: bool = False, seeds: int = 1) -> dict[str, Path]:
     """Run (or resume) the demo in ``out_dir``; returns the paths of the results files."""
     data.check()
     settings = {"command": "demo", "data": data.__dict__, "preset": preset.as_dict()}
     ws = Workspace(out_dir, settings, fresh=fresh)
     started = time.monotonic()
-    total = 3 + 2 * len(methods) + 1
+    total = total_steps(len(methods), seeds)
     print(f"nnunet-gmd demo in {ws.root}: {data.n_cases} phantoms ({data.size}^3 voxels, 1 mm), "
           f"{data.n_cases - data.n_test} train / {data.n_test} test; {preset.describe()}; device {device}")
     phantoms = ws.root / "phantoms"
@@ -67,9 +67,11 @@ def run_demo(out_dir: Path, preset: Preset, methods: Sequence[Method], data: Dem
         write_split(ws, dataset_name, case_ids[: -data.n_test], case_ids[-data.n_test:])
     ws.run_step("plan", f"[3/{total}] nnU-Net planning and preprocessing ({preset.plans_name})", plan)
 
-    train_and_evaluate_all(ws, DATASET_ID, preset, methods, device, first_step=4, total_steps=total)
+    train_and_evaluate_all(ws, DATASET_ID, preset, methods, device, first_step=4, total_steps=total,
+                           seeds=seeds)
 
     details = [f"data: {data.n_cases - data.n_test} training / {data.n_test} test phantoms, {data.size}^3 voxels "
                f"at 1 mm (seed {data.seed})"]
     return write_results(ws, methods, preset, dataset_name, "demo_results",
-                         "nnunet-gmd demo: missing-modality Dice on phantoms", details, started, total)
+                         "nnunet-gmd demo: missing-modality Dice on phantoms", details, started, total,
+                         seeds=seeds)

@@ -3,6 +3,11 @@
 Training is ``nnUNetv2_train`` with each method's trainer class under one :class:`~nnunet_gmd.demo.presets.Budget`;
 evaluation is ``nnunet-gmd evaluate`` on fold 0, whose validation split is the test set (see
 :func:`nnunet_gmd.demo.planning.write_split`); the side-by-side heatmaps come from ``nnunet-gmd compare``.
+
+``seeds`` > 1 repeats the training of every method: seed k trains with ``NNUNET_GMD_SEED=k`` into its own
+``nnUNet_results`` tree and is evaluated into its own report folder (seed 0 keeps the single-run layout, see
+:mod:`nnunet_gmd.demo.workspace`). The results table then shows mean ± sd over seeds, and the paired differences
+(:mod:`nnunet_gmd.demo.paired`) use the seed-averaged per-case values.
 """
 from __future__ import annotations
 
@@ -12,11 +17,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nnunet_gmd.cli import UserError
+from nnunet_gmd.demo.paired import write_paired_differences
 from nnunet_gmd.demo.planning import plans_summary
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.results import Results
 from nnunet_gmd.demo.tools import nnunet_gmd_command, run_tool, tool
-from nnunet_gmd.demo.workspace import Workspace, write_json_atomic
+from nnunet_gmd.demo.workspace import Workspace, reports_root, results_root, seed_suffix, write_json_atomic
+from nnunet_gmd.nnunet.baselines import SEED_ENV
+from nnunet_gmd.nnunet.report import REPORT_JSON
 
 
 @dataclass(frozen=True)
@@ -47,12 +55,18 @@ def parse_methods(keys: Sequence[str]) -> list[Method]:
     return [METHODS[k] for k in keys]
 
 
-def report_path(ws: Workspace, method: Method) -> Path:
-    return ws.reports / method.key / "missing_modality_report.json"
+def report_path(ws: Workspace, method: Method, seed: int = 0) -> Path:
+    return reports_root(ws.root, seed) / method.key / REPORT_JSON
 
 
-def _training_env(ws: Workspace, preset: Preset) -> dict[str, str]:
+def step_name(kind: str, method: Method, seed: int = 0) -> str:
+    """Workspace step of ``kind`` (train / evaluate) for one method and seed; seed 0 keeps the single-run name."""
+    return f"{kind}_{method.key}{seed_suffix(seed)}"
+
+
+def _training_env(ws: Workspace, preset: Preset, seed: int = 0) -> dict[str, str]:
     extra = preset.budget.env()
+    extra.update({"nnUNet_results": str(results_root(ws.root, seed)), SEED_ENV: str(seed)})
     if preset.cpu_friendly:
         # One augmentation worker and one export worker: more only adds process start-up on 2 cores.
         # nnU-Net's final all-modality validation is skipped: ``evaluate`` scores the same cases under all subsets.
@@ -60,17 +74,21 @@ def _training_env(ws: Workspace, preset: Preset) -> dict[str, str]:
     return ws.env(extra)
 
 
-def train(ws: Workspace, dataset_id: int, preset: Preset, method: Method, device: str) -> None:
+def train(ws: Workspace, dataset_id: int, preset: Preset, method: Method, device: str, seed: int = 0) -> None:
     """``nnUNetv2_train`` fold 0; ``--c`` resumes an interrupted run from its latest checkpoint."""
     command = [tool("nnUNetv2_train"), str(dataset_id), preset.configuration, "0", "-tr", method.trainer,
                "-p", preset.plans_name, "-device", device, "--c"]
-    run_tool(command, _training_env(ws, preset), ws.logs / f"train_{method.key}.log",
-             f"train {method.label}", total_epochs=preset.budget.epochs)
+    run_tool(command, _training_env(ws, preset, seed), ws.logs / f"{step_name('train', method, seed)}.log",
+             f"train {method.label}{_seed_note(seed)}", total_epochs=preset.budget.epochs)
 
 
-def evaluate(ws: Workspace, dataset_id: int, preset: Preset, method: Method, device: str) -> Path:
+def _seed_note(seed: int) -> str:
+    return f" (seed {seed})" if seed else ""
+
+
+def evaluate(ws: Workspace, dataset_id: int, preset: Preset, method: Method, device: str, seed: int = 0) -> Path:
     """``nnunet-gmd evaluate`` on fold 0 (= the test cases) under all channel subsets."""
-    out = report_path(ws, method).parent
+    out = report_path(ws, method, seed).parent
     command = nnunet_gmd_command("evaluate", "-d", str(dataset_id), "-c", preset.configuration, "-f", "0",
                                  "-tr", method.trainer, "-p", preset.plans_name, "-o", str(out), "-device", device)
     if not preset.tta:
@@ -79,9 +97,9 @@ def evaluate(ws: Workspace, dataset_id: int, preset: Preset, method: Method, dev
         command.append("--no-hd95")
     if preset.cpu_friendly:
         command += ["-npp", "0", "-nps", "0"]
-    run_tool(command, _training_env(ws, preset), ws.logs / f"evaluate_{method.key}.log",
-             f"evaluate {method.label} (15 subsets)")
-    return report_path(ws, method)
+    run_tool(command, _training_env(ws, preset, seed), ws.logs / f"{step_name('evaluate', method, seed)}.log",
+             f"evaluate {method.label}{_seed_note(seed)} (15 subsets)")
+    return report_path(ws, method, seed)
 
 
 def compare(ws: Workspace, methods: Sequence[Method], out_dir: Path) -> None:
@@ -91,28 +109,45 @@ def compare(ws: Workspace, methods: Sequence[Method], out_dir: Path) -> None:
     run_tool(command, ws.env(), ws.logs / "compare.log", "compare")
 
 
+def total_steps(n_methods: int, seeds: int) -> int:
+    """Steps of a run: 3 preparation steps, train and evaluate per method and seed, the results."""
+    return 3 + 2 * n_methods * seeds + 1
+
+
 def train_and_evaluate_all(ws: Workspace, dataset_id: int, preset: Preset, methods: Sequence[Method],
-                           device: str, first_step: int, total_steps: int) -> None:
-    """Train every method, then evaluate every method; each is a reusable step."""
+                           device: str, first_step: int, total_steps: int, seeds: int = 1) -> None:
+    """Per seed: train every method, then evaluate every method; each is a reusable step.
+
+    Seed 0 first, so one complete comparison exists before any repeat starts.
+    """
     step = first_step
-    for method in methods:
-        ws.run_step(f"train_{method.key}", f"[{step}/{total_steps}] train {method.label} ({method.trainer}, "
-                                           f"{preset.budget.describe()})",
-                    lambda m=method: train(ws, dataset_id, preset, m, device))
-        step += 1
-    for method in methods:
-        ws.run_step(f"evaluate_{method.key}", f"[{step}/{total_steps}] evaluate {method.label} on the test cases "
-                                              f"under all 15 subsets",
-                    lambda m=method: evaluate(ws, dataset_id, preset, m, device))
-        step += 1
+    for seed in range(seeds):
+        for method in methods:
+            ws.run_step(step_name("train", method, seed),
+                        f"[{step}/{total_steps}] train {method.label}{_seed_note(seed)} ({method.trainer}, "
+                        f"{preset.budget.describe()})",
+                        lambda m=method, s=seed: train(ws, dataset_id, preset, m, device, s))
+            step += 1
+        for method in methods:
+            ws.run_step(step_name("evaluate", method, seed),
+                        f"[{step}/{total_steps}] evaluate {method.label}{_seed_note(seed)} on the test cases "
+                        f"under all 15 subsets",
+                        lambda m=method, s=seed: evaluate(ws, dataset_id, preset, m, device, s))
+            step += 1
+
+
+def _mean_seconds(seconds: dict[str, float], kind: str, method: Method, seeds: int) -> float:
+    values = [seconds[k] for k in (step_name(kind, method, s) for s in range(seeds)) if k in seconds]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def write_results(ws: Workspace, methods: Sequence[Method], preset: Preset, dataset_name: str, stem: str,
                   title: str, data_details: Sequence[str], started: float, step: int,
-                  extra: Optional[dict] = None) -> dict[str, Path]:
-    """The last step of a run: ``compare``, then the subsets x regions x methods table, plot and timings.
+                  extra: Optional[dict] = None, seeds: int = 1) -> dict[str, Path]:
+    """The last step of a run: ``compare``, the subsets x regions x methods table, paired differences, timings.
 
     ``data_details`` describe the cases; the plans, budget and per-method wall-clock lines are added here.
+    ``compare`` shows seed 0; the table averages over the seeds.
     """
     print(f"- [{step}/{step}] compare", flush=True)
     compare(ws, methods, ws.root)
@@ -123,18 +158,27 @@ def write_results(ws: Workspace, methods: Sequence[Method], preset: Preset, data
                f"{plans['spacing_mm']} mm, patch {plans['patch_size']}, batch {plans['batch_size']}, "
                f"features {plans['features_per_stage']}",
                f"budget per method: {preset.budget.describe()}; test-time mirroring: {'on' if preset.tta else 'off'}",
-               "wall-clock seconds per method (train / evaluate): " + ", ".join(
-                   f"{m.label} {seconds.get('train_' + m.key, float('nan')):.0f} / "
-                   f"{seconds.get('evaluate_' + m.key, float('nan')):.0f}" for m in methods)]
-    results = Results([report_path(ws, m) for m in methods], [m.label for m in methods])
+               f"wall-clock seconds per method (train / evaluate{', mean over seeds' if seeds > 1 else ''}): "
+               + ", ".join(f"{m.label} {_mean_seconds(seconds, 'train', m, seeds):.0f} / "
+                           f"{_mean_seconds(seconds, 'evaluate', m, seeds):.0f}" for m in methods)]
+    if seeds > 1:
+        details.append(f"training seeds: {seeds} per method ({SEED_ENV}=0..{seeds - 1}); values are means over "
+                       f"seeds, ± the standard deviation over seeds")
+    results = Results([[report_path(ws, m, s) for s in range(seeds)] for m in methods], [m.label for m in methods])
     paths = results.write(ws.root, stem, title, details,
                           extra={"plans": plans, "budget": preset.budget.__dict__, "preset": preset.name,
                                  "step_seconds": seconds, **(extra or {})})
     print()
     print(paths["md"].read_text())
+    if len(methods) > 1:
+        paired = write_paired_differences(ws.root, [m.key for m in methods], {m.key: m.label for m in methods},
+                                          n_seeds=seeds)
+        paths.update({f"paired_{ext}": path for ext, path in paired.items()})
+        print(paired["md"].read_text())
     this_run = time.monotonic() - started
     write_json_atomic(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
                                                   "step_seconds": seconds})
     print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: {stem}.md/.csv/.json/.png, "
-          f"missing_modality_comparison.md/.png, reports/<method>/ (per-method heatmaps)")
+          f"paired_differences.md/.csv/.json/.png, missing_modality_comparison.md/.png, reports/<method>/ "
+          f"(per-method heatmaps)")
     return paths

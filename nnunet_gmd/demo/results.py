@@ -3,6 +3,9 @@
 Reads the reports of ``nnunet-gmd evaluate``. Besides the mean over all 15 subsets (the paper's headline) it
 gives the mean over the 14 subsets with at least one missing modality, which is what missing-modality methods
 are for, and the full-modality row on its own.
+
+A method may come with one report per training seed: its Dice is then the mean over the seeds, and the means
+table adds the standard deviation over seeds of each seed's mean (``mean ± sd``).
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import io
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import matplotlib
 
@@ -25,6 +29,7 @@ from nnunet_gmd.nnunet.report import comparison_rows, load_report, regions_of, w
 
 SHORT_REGION = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 MEAN_KINDS = ("all subsets", "missing modalities", "full set")
+ReportPaths = Union[Path, str, Sequence[Union[Path, str]]]   # one report, or one per training seed
 
 
 def _fmt(x: float) -> str:
@@ -36,31 +41,70 @@ def _short(region: str) -> str:
 
 
 class Results:
-    """Dice per (subset, region, method), from one report per method."""
+    """Dice per (subset, region, method), from one report per method, or one per method and training seed."""
 
-    def __init__(self, report_paths: Sequence[Path], labels: Sequence[str]) -> None:
+    def __init__(self, report_paths: Sequence[ReportPaths], labels: Sequence[str]) -> None:
         self.labels = list(labels)
-        self.reports = [load_report(p) for p in report_paths]
+        groups = [[p] if isinstance(p, (str, Path)) else list(p) for p in report_paths]
+        if any(not g for g in groups):
+            raise ValueError("every method needs at least one report")
+        self.n_seeds = [len(g) for g in groups]
+        self.reports = [load_report(p) for g in groups for p in g]      # method-major, seeds within
+        self.owner = np.repeat(np.arange(len(groups)), self.n_seeds)    # method of each report
         self.regions = regions_of(self.reports[0])
         self.channels = list(self.reports[0]["channels"])
         self.cases = list(self.reports[0].get("cases", []))
         tables = {region: comparison_rows(self.reports, region) for region in self.regions}
         self.subsets = tables[self.regions[0]][0]
-        self.dice = np.stack([tables[r][1] for r in self.regions], axis=1)   # subsets x regions x methods
+        self.dice_per_report = np.stack([tables[r][1] for r in self.regions], axis=1)  # subsets x regions x reports
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # a value undefined under every seed stays NaN
+            self.dice = np.stack([np.nanmean(self.dice_per_report[..., self.owner == j], axis=-1)
+                                  for j in range(len(groups))], axis=-1)     # subsets x regions x methods
         full = "+".join(self.channels)
         self.is_full = np.array([s == full for s in self.subsets])
 
-    def means(self) -> dict[str, np.ndarray]:
-        """kind -> regions x methods mean Dice (NaN-aware) over all / missing-modality / full subsets."""
+    @property
+    def multi_seed(self) -> bool:
+        return max(self.n_seeds) > 1
+
+    def _means_of(self, dice: np.ndarray) -> dict[str, np.ndarray]:
         rows = {"all subsets": np.ones_like(self.is_full), "missing modalities": ~self.is_full,
                 "full set": self.is_full}
         out = {}
         for kind, keep in rows.items():
             with np.errstate(all="ignore"):
-                sel = self.dice[keep]
+                sel = dice[keep]
                 out[kind] = np.nanmean(sel, axis=0) if sel.size and not np.all(np.isnan(sel)) else \
-                    np.full(self.dice.shape[1:], np.nan)
+                    np.full(dice.shape[1:], np.nan)
         return out
+
+    def means(self) -> dict[str, np.ndarray]:
+        """kind -> regions x methods mean Dice (NaN-aware) over all / missing-modality / full subsets."""
+        return self._means_of(self.dice)
+
+    def seed_means(self) -> dict[str, np.ndarray]:
+        """kind -> (regions + 1) x reports: each report's (= each seed's) means, the mean over regions last."""
+        means = self._means_of(self.dice_per_report)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return {k: np.vstack([v, np.nanmean(v, axis=0, keepdims=True)]) for k, v in means.items()}
+
+    def seed_sd(self) -> dict[str, np.ndarray]:
+        """kind -> (regions + 1) x methods: standard deviation (ddof 1) over seeds of the seed means; NaN for 1 seed."""
+        out = {}
+        for kind, values in self.seed_means().items():
+            sd = np.full((values.shape[0], len(self.labels)), np.nan)
+            for j in range(len(self.labels)):
+                if self.n_seeds[j] > 1:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        sd[:, j] = np.nanstd(values[:, self.owner == j], axis=1, ddof=1)
+            out[kind] = sd
+        return out
+
+    def _cell(self, mean: float, sd: float) -> str:
+        return _fmt(mean) if not self.multi_seed or math.isnan(sd) else f"{_fmt(mean)} ± {sd:.3f}"
 
     # ------------------------------------------------------------------------------------------ text forms
     def to_markdown(self, title: str, details: Sequence[str] = ()) -> str:
@@ -69,11 +113,17 @@ class Results:
                   "| method | " + " | ".join(f"{_short(r)} ({k})" for k in MEAN_KINDS[:2] for r in self.regions)
                   + " | mean (all) | mean (missing) | mean (full set) |",
                   "|---|" + "---:|" * (2 * len(self.regions) + 3)]
-        means = self.means()
+        means, sd = self.means(), self.seed_sd()
+        n_r = len(self.regions)
         for j, label in enumerate(self.labels):
-            cells = [_fmt(means[k][i, j]) for k in MEAN_KINDS[:2] for i in range(len(self.regions))]
-            cells += [_fmt(float(np.nanmean(means[k][:, j]))) for k in MEAN_KINDS]
+            cells = [self._cell(means[k][i, j], sd[k][i, j]) for k in MEAN_KINDS[:2] for i in range(n_r)]
+            cells += [self._cell(float(np.nanmean(means[k][:, j])), sd[k][n_r, j]) for k in MEAN_KINDS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if self.multi_seed:
+            lines += ["", "Training seeds per method: " + ", ".join(f"{m} {n}" for m, n in zip(self.labels,
+                                                                                        self.n_seeds))
+                      + ". Each value is the mean over the seeds; ± is the standard deviation over seeds of each "
+                        "seed's mean (ddof 1). The subset table below shows seed means."]
         lines += ["", f"## Dice per available subset ({len(self.subsets)} subsets x {len(self.regions)} regions x "
                       f"{len(self.labels)} methods)", "",
                   "| available | " + " | ".join(f"{_short(r)} {m}" for r in self.regions for m in self.labels) + " |",
@@ -93,18 +143,28 @@ class Results:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["available", "n_available", "region", "method", "dice"])
+        # Several seeds add two columns; a single-seed run keeps the one-seed format.
+        w.writerow(["available", "n_available", "region", "method", "dice"]
+                   + (["seeds", "dice_sd_over_seeds"] if self.multi_seed else []))
         for s, name in enumerate(self.subsets):
             for i, region in enumerate(self.regions):
                 for j, label in enumerate(self.labels):
                     v = self.dice[s, i, j]
-                    w.writerow([name, name.count("+") + 1, region, label, "" if math.isnan(v) else f"{v:.6f}"])
+                    row = [name, name.count("+") + 1, region, label, "" if math.isnan(v) else f"{v:.6f}"]
+                    if self.multi_seed:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", RuntimeWarning)   # undefined under every seed
+                            sd = (np.nanstd(self.dice_per_report[s, i, self.owner == j], ddof=1)
+                                  if self.n_seeds[j] > 1 else math.nan)
+                        row += [self.n_seeds[j], "" if math.isnan(sd) else f"{sd:.6f}"]
+                    w.writerow(row)
         return buf.getvalue()
 
     def to_json(self) -> dict:
         def clean(x: float):
             return None if math.isnan(x) else round(float(x), 6)
-        means = self.means()
+        means, sd, per_seed = self.means(), self.seed_sd(), self.seed_means()
+        names = [*self.regions, "mean"]
         return {
             "methods": self.labels, "regions": self.regions, "channels": self.channels, "test_cases": self.cases,
             "dice": {name: {r: {m: clean(self.dice[s, i, j]) for j, m in enumerate(self.labels)}
@@ -112,6 +172,12 @@ class Results:
             "mean_dice": {k: {m: {**{r: clean(means[k][i, j]) for i, r in enumerate(self.regions)},
                                   "mean": clean(float(np.nanmean(means[k][:, j])))}
                               for j, m in enumerate(self.labels)} for k in MEAN_KINDS},
+            "seeds": dict(zip(self.labels, self.n_seeds)),
+            "mean_dice_sd_over_seeds": {k: {m: {r: clean(sd[k][i, j]) for i, r in enumerate(names)}
+                                            for j, m in enumerate(self.labels)} for k in MEAN_KINDS},
+            "mean_dice_per_seed": {k: {m: {r: [clean(v) for v in per_seed[k][i, self.owner == j]]
+                                           for i, r in enumerate(names)}
+                                       for j, m in enumerate(self.labels)} for k in MEAN_KINDS},
         }
 
     # ------------------------------------------------------------------------------------------ plot
@@ -121,7 +187,7 @@ class Results:
         fig, axes = plt.subplots(n_r, 2, figsize=(15, 3.2 * n_r), squeeze=False,
                                  gridspec_kw={"width_ratios": [3.2, 1]})
         x = np.arange(len(self.subsets))
-        means = self.means()
+        means, sd = self.means(), self.seed_sd()
         width = 0.8 / max(1, len(self.labels))
         for i, region in enumerate(self.regions):
             ax = axes[i, 0]
@@ -135,7 +201,8 @@ class Results:
             kinds = MEAN_KINDS[:2]
             for j, label in enumerate(self.labels):
                 bars.bar(np.arange(len(kinds)) + (j - (len(self.labels) - 1) / 2) * width,
-                         [means[k][i, j] for k in kinds], width, label=label)
+                         [means[k][i, j] for k in kinds], width, label=label,
+                         yerr=[sd[k][i, j] for k in kinds] if self.multi_seed else None, capsize=2)
             bars.set_xticks(np.arange(len(kinds)), ["15 subsets", "missing only"])
             bars.set_ylim(0, 1)
             bars.set_title(f"mean {_short(region)} Dice", fontsize=9)

@@ -3,6 +3,10 @@
 Re-running a command with the same output folder reuses every finished step. The settings a folder was made
 with are stored in it; asking for different settings in the same folder is refused (``--fresh`` starts over),
 so a reused step can never silently belong to another configuration.
+
+Training repeats (``--seeds``) are not settings: seed 0 lives where a single run always lived (``nnUNet_results``,
+``reports/<method>``, steps ``train_<method>``), seed k > 0 beside it (``nnUNet_results_seed<k>``,
+``reports_seed<k>/<method>``, steps ``train_<method>_seed<k>``), so more seeds only add steps to a folder.
 """
 from __future__ import annotations
 
@@ -18,6 +22,23 @@ from nnunet_gmd.cli import UserError
 from nnunet_gmd.nnunet import ext_trainer_path
 
 SETTINGS_FILE = "settings.json"
+
+
+def seed_suffix(seed: int) -> str:
+    """What seed ``seed`` appends to folder and step names: nothing for seed 0 (the single-run layout)."""
+    if seed < 0:
+        raise ValueError(f"seeds are non-negative, got {seed}")
+    return "" if seed == 0 else f"_seed{seed}"
+
+
+def reports_root(root: Path, seed: int = 0) -> Path:
+    """Folder of the per-method evaluation reports of training seed ``seed`` in run folder ``root``."""
+    return Path(root) / f"reports{seed_suffix(seed)}"
+
+
+def results_root(root: Path, seed: int = 0) -> Path:
+    """``nnUNet_results`` of training seed ``seed`` (each seed trains into its own tree; nnU-Net has no seed)."""
+    return Path(root) / f"nnUNet_results{seed_suffix(seed)}"
 
 
 def _umask() -> int:
@@ -66,9 +87,9 @@ class Workspace:
         write_json_atomic(settings_file, settings)
         self.raw = self.root / "nnUNet_raw"
         self.preprocessed = self.root / "nnUNet_preprocessed"
-        self.results = self.root / "nnUNet_results"
+        self.results = results_root(self.root)
         self.logs = self.root / "logs"
-        self.reports = self.root / "reports"
+        self.reports = reports_root(self.root)
         self._steps = self.root / "steps"
         for folder in (self.raw, self.preprocessed, self.results, self.logs, self.reports, self._steps):
             folder.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,19 @@ The budget variables (all optional, positive integers) are shared by every train
 ``NNUNET_GMD_FINAL_VALIDATION=0`` skips nnU-Net's final validation after training (:class:`OptionalFinalValidation`):
 the demo and benchmark score the test cases themselves under every subset, and on a CPU the all-modality
 validation with mirroring costs more than a minute per method.
+
+``NNUNET_GMD_SEED`` (a non-negative integer) makes repeated trainings differ in a controlled way: nnU-Net itself
+seeds nothing. It seeds ``random``, NumPy and torch in the trainer's ``__init__`` (before the network's weights
+are drawn) and offsets our own generators (subset sampler, GMD tie-breaks, modality dropout) by
+:func:`derived_seed`, which leaves them at their historical seeds for seed 0. nnU-Net's augmentation worker
+processes reseed themselves from the OS (``seeds=None``), so two runs with one seed are repeats, not bit copies.
 """
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -29,6 +37,8 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerModalityDropout", "nnUNetTrainer
 FINAL_VALIDATION_ENV = "NNUNET_GMD_FINAL_VALIDATION"
 INITIAL_LR_ENV = "NNUNET_GMD_INITIAL_LR"
 NUM_THREADS_ENV = "NNUNET_GMD_NUM_THREADS"
+SEED_ENV = "NNUNET_GMD_SEED"
+SEED_STRIDE = 1000  # derived_seed(base) = base + SEED_STRIDE * seed: streams of different seeds never coincide
 BUDGET_ENV_VARS = {
     "NNUNET_GMD_NUM_EPOCHS": "num_epochs",
     "NNUNET_GMD_ITERS_PER_EPOCH": "num_iterations_per_epoch",
@@ -67,6 +77,36 @@ def initial_lr_from_env(environ: dict | None = None) -> float | None:
     if not value > 0:
         raise ValueError(f"environment variable {INITIAL_LR_ENV}={raw!r} must be a positive number")
     return value
+
+
+def seed_from_env(environ: dict | None = None) -> int | None:
+    """``NNUNET_GMD_SEED`` as a non-negative integer, or None when unset."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(SEED_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {SEED_ENV}={raw!r} must be a non-negative integer") from None
+    if value < 0:
+        raise ValueError(f"environment variable {SEED_ENV}={raw!r} must be a non-negative integer")
+    return value
+
+
+def derived_seed(base: int, environ: dict | None = None) -> int:
+    """Seed of one of our generators: ``base`` shifted by the run seed (``base`` itself when unset or 0)."""
+    return base + SEED_STRIDE * (seed_from_env(environ) or 0)
+
+
+def seed_everything_from_env(environ: dict | None = None) -> int | None:
+    """Seed ``random``, NumPy and torch from ``NNUNET_GMD_SEED`` when it is set; returns the seed."""
+    seed = seed_from_env(environ)
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)   # also seeds every CUDA device
+    return seed
 
 
 def final_validation_enabled(environ: dict | None = None) -> bool:
@@ -119,9 +159,11 @@ class AtomicCheckpoints:
 def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
     """Override epochs / iterations (and the initial learning rate, CPU threads) of a trainer in ``__init__``.
 
-    Also writes ``checkpoint_latest.pth`` every epoch (nnU-Net: every 50), so ``--c`` after a crash loses at most
-    one epoch; our checkpoints are written atomically.
+    Also seeds the global generators from ``NNUNET_GMD_SEED`` (every trainer of this package calls this in
+    ``__init__``, before ``initialize()`` builds the network), and writes ``checkpoint_latest.pth`` every epoch
+    (nnU-Net: every 50), so ``--c`` after a crash loses at most one epoch; our checkpoints are written atomically.
     """
+    seed_everything_from_env()
     trainer.save_every = 1
     for attribute, value in budget_from_env().items():
         setattr(trainer, attribute, value)
@@ -166,7 +208,7 @@ class nnUNetTrainerModalityDropout(nnUNetTrainerBudget):
                  device: torch.device = torch.device("cuda")) -> None:
         super().__init__(plans, configuration, fold, dataset_json, device)
         # Own generator: the subset draw is reproducible and does not perturb nnU-Net's augmentation RNG.
-        self.dropout_generator = torch.Generator().manual_seed(12345)
+        self.dropout_generator = torch.Generator().manual_seed(derived_seed(12345))
 
     def train_step(self, batch: dict) -> dict:
         batch = dict(batch)

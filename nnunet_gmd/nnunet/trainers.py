@@ -26,7 +26,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_gmd.gmd import GMDStats, ds_gmd_backward, ds_subset_losses
 from nnunet_gmd.networks import DSNetworkBase
-from nnunet_gmd.nnunet.baselines import OptionalFinalValidation, apply_budget_from_env
+from nnunet_gmd.nnunet.baselines import OptionalFinalValidation, apply_budget_from_env, derived_seed
 from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
@@ -77,7 +77,7 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
         if not self.was_initialized:
             super().initialize()
             self.subset_sampler = SubsetSampler(self.num_input_channels, self.subsets_per_step, self.include_full_set,
-                                                seed=1234 + self.fold)
+                                                seed=derived_seed(1234 + self.fold))
 
     def _do_i_compile(self) -> bool:
         # GMD takes per-subset gradients with torch.autograd.grad through the branch graphs, outside the
@@ -189,7 +189,7 @@ class nnUNetTrainerGMD(nnUNetTrainerDS):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.gmd_generator = torch.Generator().manual_seed(4321 + fold)
+        self.gmd_generator = torch.Generator().manual_seed(derived_seed(4321 + fold))
         registry = self.logger.local_logger.my_fantastic_logging
         registry.setdefault(CONFLICTS_KEY, [])
         registry.setdefault(GRAD_NORMS_KEY, [])
