@@ -170,7 +170,12 @@ def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, 
     batch = random_batch(trainer, seed=2)
     net = trainer.network
     before = [p.detach().clone() for p in net.parameters()]
-    expected = [float(trainer.loss(net(batch["data"], subset_mask(s, 4)), batch["target"])) for s in all_subsets(4)]
+    # the subsets this step will draw (DS_FF samples 5, the full set among them; GMD_FF takes all 15)
+    state = trainer.subset_sampler.state_dict()
+    subsets = trainer.subset_sampler.sample()
+    trainer.subset_sampler.load_state_dict(state)
+    assert len(subsets) == (15 if name == "nnUNetTrainerGMD_FF" else 5) and (0, 1, 2, 3) in subsets
+    expected = [float(trainer.loss(net(batch["data"], subset_mask(s, 4)), batch["target"])) for s in subsets]
     out = trainer.train_step(batch)
     assert float(out["loss"]) == pytest.approx(np.mean(expected), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

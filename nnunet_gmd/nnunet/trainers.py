@@ -265,9 +265,16 @@ class nnUNetTrainerGMD_k5(nnUNetTrainerGMD):
 
 # ---------------------------------------------------------------------------- feature fusion
 class nnUNetTrainerDS_FF(nnUNetTrainerDS):
-    """The DS ablation (mean of the subset losses) on the feature-fusion DS network."""
+    """The DS ablation (mean of the subset losses) on the feature-fusion DS network, over 5 subsets per step.
+
+    A feature-fusion step decodes once per subset, so all 15 subsets cost about 15 decoder passes; 5 per step
+    (the paper's k, the full set always among them) keep the step near a logit-fusion DS step. Its GMD
+    counterpart is :class:`nnUNetTrainerGMD_k5_FF`.
+    """
 
     fusion = "mean"
+    subsets_per_step = 5
+    include_full_set = True
 
 
 class nnUNetTrainerGMD_FF(nnUNetTrainerGMD):
@@ -277,9 +284,10 @@ class nnUNetTrainerGMD_FF(nnUNetTrainerGMD):
 
 
 class nnUNetTrainerGMD_k5_FF(nnUNetTrainerGMD_k5):
-    """GMD over 5 sampled subsets on the feature-fusion DS network."""
+    """GMD over 5 sampled subsets (the full set always among them) on the feature-fusion DS network."""
 
     fusion = "mean"
+    include_full_set = True
 
 
 # ---------------------------------------------------------------------------- smoke variants
