@@ -33,14 +33,14 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def make_tables(folder: Path, videos: int = 4, per_video: int = 3, seed: int = 0,
-                drop: dict[str, list[str]] | None = None, npz: tuple[str, ...] = ()) -> dict:
+                drop: dict[str, list[str]] | None = None, npz: tuple[str, ...] = (), prefix: str = "vid") -> dict:
     """A small table folder whose label is a noisy linear function of every modality; returns what was written.
 
     ``drop[m]`` lists utterance ids left out of modality m's table (genuinely missing there).
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = [f"vid{v}_{u}" for v in range(videos) for u in range(per_video)]
+    ids = [f"{prefix}{v}_{u}" for v in range(videos) for u in range(per_video)]
     feats = {m: rng.standard_normal((len(ids), d)).round(4) for m, d in DIMS.items()}
     signal = sum(feats[m][:, 0] for m in MODALITIES)
     labels = np.clip(np.round(signal + 0.1 * rng.standard_normal(len(ids)), 1), -3, 3)

@@ -153,6 +153,97 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_folds(args: argparse.Namespace):
+    """``--train``/``--test`` folders, or ``--cv K`` video-level folds over one ``--data`` folder."""
+    from nnunet_gmd.sentiment.benchmark import Fold
+    from nnunet_gmd.sentiment.tables import video_folds
+
+    if args.data is not None:
+        if args.train is not None or args.test is not None:
+            raise UserError("give either --data with --cv, or --train and --test")
+        if args.cv is None:
+            raise UserError("--data needs --cv K (video-level K-fold cross-validation over that folder)")
+        if not is_table_folder(args.data):
+            raise UserError(f"{args.data}: not a table folder (no labels.csv); the benchmark needs utterance tables")
+        table = load_table(args.data)
+        with _user_errors():
+            groups = video_folds(table, args.cv, args.cv_seed)
+        print(f"{args.cv}-fold cross-validation over {len(table.videos)} videos (fold seed {args.cv_seed}): "
+              + ", ".join(str(len(g)) for g in groups) + " test videos per fold")
+        return [Fold(train=table.select_videos([v for g in groups if g is not group for v in g]),
+                     test=table.select_videos(group)) for group in groups], f"{args.cv}-fold video CV on " \
+                                                                            f"{Path(args.data).name}"
+    if args.train is None or args.test is None:
+        raise UserError("give --train and --test folders, or --data FOLDER --cv K")
+    if args.cv is not None:
+        raise UserError("--cv applies to a single --data folder")
+    for path in (args.train, args.test):
+        if not is_table_folder(path):
+            raise UserError(f"{path}: not a table folder (no labels.csv); the benchmark needs utterance tables")
+    train, test = load_table(args.train), load_table(args.test)
+    shared = sorted(set(train.videos) & set(test.videos))
+    if shared:
+        raise UserError(f"{args.test}: {len(shared)} video(s) also in {args.train} (e.g. {shared[0]}); test videos "
+                        f"must be unseen")
+    if train.feature_dims != test.feature_dims:
+        raise UserError(f"{args.test}: feature sizes {train.feature_dims} in {args.train} but {test.feature_dims} here")
+    return [Fold(train=train, test=test)], f"{Path(args.train).name} -> {Path(args.test).name}"
+
+
+def _benchmark_command(args: argparse.Namespace) -> str:
+    """The full command with every setting spelled out, so a results file says exactly how to reproduce it."""
+    where = (["--data", args.data, "--cv", args.cv, "--cv-seed", args.cv_seed] if args.data is not None
+             else ["--train", args.train, "--test", args.test])
+    opts = ["--seeds", args.seeds, "--methods", args.methods, "--gmd-k", args.gmd_k, "--epochs", args.epochs,
+            "--batch-size", args.batch_size, "--lr", args.lr, "--hidden", args.hidden, "--layers", args.layers,
+            "--dropout", args.dropout, "--backbone", args.backbone, "--modality-dropout", args.modality_dropout]
+    if args.valid_videos is not None:
+        opts += ["--valid-videos", args.valid_videos]
+    if args.weight_decay:
+        opts += ["--weight-decay", args.weight_decay]
+    return " ".join(["nnunet-gmd sentiment benchmark", *map(str, where), *map(str, opts), "--out", args.out])
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from nnunet_gmd.sentiment.benchmark import METHODS, BenchmarkConfig, run_benchmark, summarize, write_benchmark
+    from nnunet_gmd.sentiment.train import TrainConfig
+
+    device = _device(args.device)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    folds, where = _benchmark_folds(args)
+    with _user_errors():
+        base = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           weight_decay=args.weight_decay, hidden=args.hidden, layers=args.layers,
+                           dropout=args.dropout, backbone=_backbone(args.backbone, True),
+                           modality_dropout=args.modality_dropout, gmd_reduction=args.gmd_reduction)
+        if not 1 <= args.gmd_k <= 7:
+            raise UserError(f"--gmd-k must be in [1, 7], got {args.gmd_k}")
+        config = BenchmarkConfig(base=base, seeds=args.seeds, methods=methods, gmd_k=args.gmd_k,
+                                 valid_videos=args.valid_videos)
+        for fold in folds:
+            if config.valid_videos is not None and not 1 <= config.valid_videos < len(fold.train.videos):
+                raise UserError(f"--valid-videos must be in [1, {len(fold.train.videos) - 1}] (videos in a training "
+                                f"part), got {config.valid_videos}")
+        result = run_benchmark(folds, config, device)
+    summary = summarize(result)
+    labels = {m: config.label(m) for m in methods}
+    command = _benchmark_command(args)
+    title = f"{args.dataset.upper()} sentiment benchmark: {where}"
+    paths = write_benchmark(args.out, summary, labels, title, command)
+    for name in methods:
+        r = summary["methods"][name]
+        print(f"{labels[name]:<34} mean MAE over 7 subsets {r['mean_mae_7']['mean']:.3f} ± "
+              f"{r['mean_mae_7']['std']:.3f}; LAV MAE {r['mean']['LAV']['MAE']:.3f}, "
+              f"Non0_acc_2 {r['mean']['LAV']['Non0_acc_2']:.3f}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from nnunet_gmd.sentiment.synthetic import write_synthetic
 
@@ -220,6 +311,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--fix-nonfinite", action="store_true", help=nonfinite_help)
     e.add_argument("--device", default="auto", help=device_help)
     e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("benchmark", help="GMD vs its baselines on unseen videos, all 7 subsets, over seeds",
+                       description="Trains GMD, GMD k-sampled, DS, late-fusion DS (full set), early fusion and early "
+                                   "fusion with modality dropout under one budget, selects each on validation videos "
+                                   "of the training part, and scores unseen videos with MMSA's metrics.")
+    b.add_argument("--train", help="table folder to train on")
+    b.add_argument("--test", help="table folder of other videos to score")
+    b.add_argument("--data", help="one table folder, with --cv K: video-level K-fold cross-validation")
+    b.add_argument("--cv", type=int, default=None, metavar="K", help="number of video folds for --data")
+    b.add_argument("--cv-seed", type=int, default=0, help="seed of the video-to-fold assignment")
+    b.add_argument("--out", required=True, help="folder for benchmark_results.{md,csv,json,png} and dominance.png")
+    b.add_argument("--seeds", type=int, default=3, help="seeds per method (and fold)")
+    b.add_argument("--methods", default="gmd,gmd_k,ds,late_full,early,early_dropout",
+                   help="comma-separated subset of gmd, gmd_k, ds, late_full, early, early_dropout")
+    b.add_argument("--gmd-k", type=int, default=3, help="subsets drawn per step by gmd_k")
+    b.add_argument("--dataset", default="mosi", choices=("mosi", "mosei"), help="name used in titles")
+    b.add_argument("--valid-videos", type=int, default=None, metavar="K",
+                   help="validation videos drawn from each training part (default 15%% of its videos)")
+    b.add_argument("--epochs", type=int, default=10)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--weight-decay", type=float, default=0.0)
+    b.add_argument("--hidden", type=int, default=128, help="width (chosen on validation videos, docs/sentiment.md)")
+    b.add_argument("--layers", type=int, default=1, help="DS backbone blocks / early-fusion hidden layers")
+    b.add_argument("--dropout", type=float, default=0.1)
+    b.add_argument("--backbone", default="auto", choices=("auto", "transformer", "mlp"), help=backbone_help)
+    b.add_argument("--modality-dropout", type=float, default=0.5)
+    b.add_argument("--gmd-reduction", default="mean", choices=("mean", "sum"))
+    b.add_argument("--device", default="auto", help=device_help)
+    b.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("synthetic", help="write a synthetic feature file in the MMSA or MulT layout (demo, tests)")
     s.add_argument("--out", required=True, help="pickle file to write")
