@@ -16,8 +16,9 @@ from dataclasses import replace
 import torch
 
 from nnunet_gmd.sentiment.atomic import write_json
-from nnunet_gmd.sentiment.benchmark import default_valid_videos, fit
-from nnunet_gmd.sentiment.tables import load_table_folder, pick_valid_videos, split_by_videos, video_folds
+from nnunet_gmd.sentiment.benchmark import fit
+from nnunet_gmd.sentiment.tables import (default_valid_videos, load_table_folder, pick_valid_videos,
+                                         split_by_videos, video_folds)
 from nnunet_gmd.sentiment.train import TrainConfig
 
 CANDIDATES = {

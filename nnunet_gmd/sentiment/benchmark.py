@@ -36,7 +36,8 @@ from nnunet_gmd.sentiment.batching import SplitTensors  # noqa: E402
 from nnunet_gmd.sentiment.evaluate import SUBSETS, predict_subsets, subset_label  # noqa: E402
 from nnunet_gmd.sentiment.metrics import METRIC_NAMES, mmsa_regression_metrics  # noqa: E402
 from nnunet_gmd.sentiment.model import SentimentModel  # noqa: E402
-from nnunet_gmd.sentiment.tables import UtteranceTable, pick_valid_videos, split_by_videos  # noqa: E402
+from nnunet_gmd.sentiment.tables import (UtteranceTable, default_valid_videos, pick_valid_videos,  # noqa: E402
+                                         split_by_videos)
 from nnunet_gmd.sentiment.train import Trainer, TrainConfig, make_model  # noqa: E402
 
 SUBSET_NAMES: list[str] = [subset_label(s) for s in SUBSETS]
@@ -105,10 +106,6 @@ def fit(data, config: TrainConfig, device: torch.device, on_epoch=None) -> tuple
             on_epoch(entry)
     model.load_state_dict(best_state)
     return model, history, best_epoch
-
-
-def default_valid_videos(table: UtteranceTable) -> int:
-    return max(1, round(0.15 * len(table.videos)))
 
 
 def run_benchmark(folds: Sequence[Fold], config: BenchmarkConfig, device: torch.device | str = "cpu",
@@ -304,8 +301,9 @@ def results_markdown(summary: dict[str, Any], labels: dict[str, str], title: str
         norms = lambda e: ", ".join(f"{s} {dom[f'grad_norm_{s}'][e]:.3g}" for s in SHORT_NAMES)  # noqa: E731
         lines += [f"## Dominance ({labels[name]})", "",
                   f"Unimodal-subset gradient norms, epoch 1: {norms(first)}; epoch {last + 1}: {norms(last)}. "
-                  f"Conflicting subset pairs per step (of 21 when all 7 subsets are drawn): {dom['conflicts'][first]:.2f} -> "
-                  f"{dom['conflicts'][last]:.2f}. Mean over folds and seeds; see dominance.png.", ""]
+                  f"Conflicting subset pairs per step (of 21 when all 7 subsets are drawn): "
+                  f"{dom['conflicts'][first]:.2f} -> {dom['conflicts'][last]:.2f}. Mean over folds and seeds; see "
+                  f"dominance.png.", ""]
     secs = ", ".join(f"{labels[k]} {v:.0f} s" for k, v in summary["seconds"].items())
     lines += [f"Training time (all folds and seeds, wall clock): {secs}.", ""]
     return "\n".join(lines)

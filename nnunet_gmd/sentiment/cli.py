@@ -14,10 +14,9 @@ from nnunet_gmd.sentiment import MODALITIES
 from nnunet_gmd.sentiment.data import SPLITS, SentimentData, SentimentDataError, dataset_mismatch_hint, \
     load_sentiment_file
 from nnunet_gmd.sentiment.synthetic import FORMATS
-from nnunet_gmd.sentiment.tables import (UtteranceTable, is_table_folder, load_table_folder, pick_valid_videos,
-                                         split_by_videos, whole_folder)
-
-DEFAULT_VALID_FRACTION = 0.15  # of the videos, when --valid-videos is not given for a table folder
+from nnunet_gmd.sentiment.tables import (DEFAULT_VALID_FRACTION, UtteranceTable, default_valid_videos,
+                                         is_table_folder, load_table_folder, pick_valid_videos, split_by_videos,
+                                         whole_folder)
 
 
 @contextmanager
@@ -68,10 +67,6 @@ def load_table(path: str) -> UtteranceTable:
         table = load_table_folder(path)
     print(table.describe())
     return table
-
-
-def default_valid_videos(table: UtteranceTable) -> int:
-    return max(1, round(DEFAULT_VALID_FRACTION * len(table.videos)))
 
 
 def _load_for_training(args: argparse.Namespace) -> tuple[SentimentData, bool]:
@@ -153,8 +148,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmark_folds(args: argparse.Namespace):
-    """``--train``/``--test`` folders, or ``--cv K`` video-level folds over one ``--data`` folder."""
+def _benchmark_folds(args: argparse.Namespace) -> tuple[list, str]:
+    """``--train``/``--test`` folders, or ``--cv K`` video-level folds over one ``--data`` folder; and a title."""
     from nnunet_gmd.sentiment.benchmark import Fold
     from nnunet_gmd.sentiment.tables import video_folds
 
@@ -170,9 +165,9 @@ def _benchmark_folds(args: argparse.Namespace):
             groups = video_folds(table, args.cv, args.cv_seed)
         print(f"{args.cv}-fold cross-validation over {len(table.videos)} videos (fold seed {args.cv_seed}): "
               + ", ".join(str(len(g)) for g in groups) + " test videos per fold")
-        return [Fold(train=table.select_videos([v for g in groups if g is not group for v in g]),
-                     test=table.select_videos(group)) for group in groups], f"{args.cv}-fold video CV on " \
-                                                                            f"{Path(args.data).name}"
+        folds = [Fold(train=table.select_videos([v for g in groups if g is not group for v in g]),
+                      test=table.select_videos(group)) for group in groups]
+        return folds, f"{args.cv}-fold video CV on {Path(args.data).name}"
     if args.train is None or args.test is None:
         raise UserError("give --train and --test folders, or --data FOLDER --cv K")
     if args.cv is not None:

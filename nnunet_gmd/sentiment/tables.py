@@ -85,6 +85,13 @@ class UtteranceTable:
 
 
 # ---------------------------------------------------------------------------- splitting by video
+DEFAULT_VALID_FRACTION = 0.15  # of a training folder's videos, when --valid-videos is not given
+
+
+def default_valid_videos(table: UtteranceTable) -> int:
+    return max(1, round(DEFAULT_VALID_FRACTION * len(table.videos)))
+
+
 def pick_valid_videos(table: UtteranceTable, k: int, seed: int) -> list[str]:
     """``k`` whole videos drawn with ``seed``: utterances of one speaker never straddle train and valid."""
     videos = table.videos
@@ -164,7 +171,7 @@ def _modality_file(folder: Path, modality: str) -> Path:
 
 def _csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise SentimentDataError(f"{path}: not a readable CSV file ({type(e).__name__}: {e})") from None
@@ -241,7 +248,6 @@ def _read_modality(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     try:
         values = np.array(cells, dtype=np.float64).reshape(len(body), len(header) - 1)
     except ValueError:
-        values = None
         for i, row in enumerate(cells):
             for c, cell in enumerate(row):
                 try:
@@ -249,7 +255,7 @@ def _read_modality(path: Path) -> tuple[list[str], list[str], np.ndarray]:
                 except ValueError:
                     raise SentimentDataError(f"{path}, {where[i]} (utterance_id {ids[i]!r}), column "
                                              f"{header[c + 1]!r}: {cell!r} is not a number") from None
-        raise  # numpy refused something float() accepts; surface it rather than guess
+        raise SentimentDataError(f"{path}: the feature cells cannot be read as numbers") from None
     _check_finite(path, values, ids, where, header[1:])
     return ids, where, values.astype(np.float32)
 
