@@ -284,3 +284,17 @@ def test_cli_reports_a_bad_table_in_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "run")]) == 2
     assert "not a table folder (no labels.csv)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_early_fusion_checkpoint_round_trip(tmp_path):
+    make_tables(tmp_path / "train", videos=5, seed=1)
+    make_tables(tmp_path / "test", videos=2, seed=2, prefix="new", drop={"text": ["new1_1"]})
+    run = tmp_path / "run"
+    assert main(["sentiment", "train", "--data", str(tmp_path / "train"), "--dataset", "mosi", "--epochs", "1",
+                 "--method", "early_dropout", "--valid-videos", "1", "--out", str(run), *TINY]) == 0
+    assert not (run / "dominance.png").exists()  # only GMD logs gradient statistics
+    assert main(["sentiment", "evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(tmp_path / "test"),
+                 "--out", str(tmp_path / "rep"), "--missing-rate-curve", "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert all(np.isfinite(m["MAE"]) for m in metrics.values())
+    assert "| L | 5 |" in (tmp_path / "rep" / "metrics.md").read_text()
