@@ -8,14 +8,15 @@ import torch.nn.functional as F
 
 from nnunet_gmd.gmd import gmd_backward
 from nnunet_gmd.sentiment.evaluate import SUBSETS
-from nnunet_gmd.sentiment.model import DSSentimentModel, ModelConfig, SequenceBatch
+from nnunet_gmd.sentiment.model import DSSentimentModel, EarlyFusionMLP, ModelConfig, SequenceBatch, build_model
 from nnunet_gmd.subsets import subset_mask
 from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
 
 
-def _model() -> DSSentimentModel:
+def _model(backbone: str = "transformer") -> DSSentimentModel:
     torch.manual_seed(0)
-    return DSSentimentModel(ModelConfig(feature_dims=(12, 5, 7), hidden=16, layers=2, heads=2, dropout=0.0)).eval()
+    return DSSentimentModel(ModelConfig(feature_dims=(12, 5, 7), hidden=16, layers=2, heads=2, dropout=0.0,
+                                        backbone=backbone)).eval()
 
 
 def _batch(b: int = 6) -> SequenceBatch:
@@ -25,9 +26,10 @@ def _batch(b: int = 6) -> SequenceBatch:
     return SequenceBatch(feats, lengths)
 
 
+@pytest.mark.parametrize("backbone", ["transformer", "mlp"])
 @torch.no_grad()
-def test_missing_modalities_are_never_computed():
-    model, batch = _model(), _batch()
+def test_missing_modalities_are_never_computed(backbone):
+    model, batch = _model(backbone), _batch()
     text_only = model(batch, subset_mask((0,), 3))
     poisoned = SequenceBatch([batch.features[0], torch.full_like(batch.features[1], float("nan")),
                               torch.full_like(batch.features[2], float("inf"))], batch.lengths)
@@ -49,9 +51,10 @@ def test_per_sample_masks_match_per_subset_predictions():
         torch.testing.assert_close(model.predict_subset(pooled, s), per_subset[s])
 
 
+@pytest.mark.parametrize("backbone", ["transformer", "mlp"])
 @torch.no_grad()
-def test_padding_beyond_lengths_is_ignored():
-    model, batch = _model(), _batch()
+def test_padding_beyond_lengths_is_ignored(backbone):
+    model, batch = _model(backbone), _batch()
     before = model(batch)
     changed = [x.clone() for x in batch.features]
     for m in (0, 1):
@@ -69,8 +72,9 @@ def test_availability_mask_is_checked():
         model(batch, torch.ones(2, 3, dtype=torch.bool))
 
 
-def test_a_subset_loss_reaches_only_its_own_modalities_parameters():
-    model, batch = _model(), _batch()
+@pytest.mark.parametrize("backbone", ["transformer", "mlp"])
+def test_a_subset_loss_reaches_only_its_own_modalities_parameters(backbone):
+    model, batch = _model(backbone), _batch()
     names = [n for n, _ in model.named_parameters()]
     owners = model.modality_of_parameters()
     assert {owners[n] for n in names} == {None, 0, 1, 2}
@@ -96,3 +100,20 @@ def test_gmd_step_through_the_core_updates_only_reached_parameters():
     for name, p in model.named_parameters():
         owner = model.modality_of_parameters()[name]
         assert (p.grad is None) == (owner == 1), name
+
+
+@torch.no_grad()
+def test_early_fusion_zero_fills_missing_modalities_and_never_reads_them():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(feature_dims=(12, 5, 7), hidden=16, layers=2, fusion="early")).eval()
+    assert isinstance(model, EarlyFusionMLP)
+    batch = _batch()
+    text_only = model(batch, subset_mask((0,), 3))
+    poisoned = SequenceBatch([batch.features[0], torch.full_like(batch.features[1], float("nan")),
+                              torch.full_like(batch.features[2], float("inf"))], batch.lengths)
+    torch.testing.assert_close(model(poisoned, subset_mask((0,), 3)), text_only, rtol=0, atol=0)
+    # zero-filled after standardization: a missing modality looks like its training mean
+    at_mean = SequenceBatch([batch.features[0], torch.zeros_like(batch.features[1]),
+                             torch.zeros_like(batch.features[2])], [batch.lengths[0], None, None])
+    torch.testing.assert_close(model(at_mean), text_only)  # the encoders' mean is still 0 here
+    assert not torch.allclose(model(batch), text_only)

@@ -89,7 +89,8 @@ def test_cli_train_then_evaluate_round_trip(tmp_path, capsys):
                 "--out", str(run), "--batch-size", "16", *TINY_MODEL]
 
     assert main(argv(2)) == 0
-    assert {p.name for p in run.iterdir()} == {"last.pt", "best.pt", "history.json", "training_curve.png"}
+    assert {p.name for p in run.iterdir()} == {"last.pt", "best.pt", "history.json", "training_curve.png",
+                                              "dominance.png"}  # GMD (the default) also draws dominance
     assert len(json.loads((run / "history.json").read_text())) == 2
     assert main(argv(2)) == 2  # refuses to overwrite the run
     assert "pass --resume" in capsys.readouterr().err
@@ -115,6 +116,7 @@ def test_cli_train_then_evaluate_round_trip(tmp_path, capsys):
     for png in ("metrics.png", "missing_rate_curve.png"):
         assert (report / png).read_bytes()[:8] == PNG_MAGIC
     assert (run / "training_curve.png").read_bytes()[:8] == PNG_MAGIC
+    assert (run / "dominance.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_cli_evaluate_refuses_a_file_with_other_feature_sizes(tmp_path, capsys):

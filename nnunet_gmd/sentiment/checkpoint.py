@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from nnunet_gmd.sentiment.atomic import atomic_path
-from nnunet_gmd.sentiment.model import DSSentimentModel, ModelConfig
+from nnunet_gmd.sentiment.model import ModelConfig, SentimentModel, build_model
 
 CHECKPOINT_KIND = "nnunet-gmd-sentiment"
 CHECKPOINT_VERSION = 1
@@ -45,7 +45,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> DSSentimentModel:
-    model = DSSentimentModel(ModelConfig.from_dict(state["model_config"]))
+def model_from_checkpoint(state: dict[str, Any]) -> SentimentModel:
+    model = build_model(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model

@@ -35,12 +35,18 @@ class SentimentDataError(ValueError):
 
 @dataclass
 class SentimentSplit:
-    """One split as float32 arrays; ``lengths[m]`` is None when every time step of modality m is valid."""
+    """One split as float32 arrays; ``lengths[m]`` is None when every time step of modality m is valid.
+
+    ``available`` (N, M) marks which modalities each sample really has (None: all of them, as in the pickles);
+    ``video_ids`` is known for utterance tables, where splits must never cut a video.
+    """
 
     features: dict[str, np.ndarray]
     lengths: dict[str, Optional[np.ndarray]]
     labels: np.ndarray
     ids: list[str]
+    available: Optional[np.ndarray] = None
+    video_ids: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -49,17 +55,18 @@ class SentimentSplit:
 @dataclass
 class SentimentData:
     path: Path
-    format: str  # "mmsa" or "mult"
+    format: str  # "mmsa", "mult" or "table"
     aligned: bool
     splits: dict[str, SentimentSplit]
     nonfinite_fixed: dict[str, int] = field(default_factory=dict)  # "split/key" -> values set to 0
 
     @property
     def feature_dims(self) -> dict[str, int]:
-        return {m: int(self.splits["train"].features[m].shape[2]) for m in MODALITIES}
+        first = next(iter(self.splits.values()))  # a table folder being evaluated has only "test"
+        return {m: int(first.features[m].shape[2]) for m in MODALITIES}
 
     def describe(self) -> str:
-        n = ", ".join(f"{s} {len(self.splits[s])}" for s in SPLITS)
+        n = ", ".join(f"{s} {len(self.splits[s])}" for s in SPLITS if s in self.splits)
         dims = ", ".join(f"{m} {d}" for m, d in self.feature_dims.items())
         kind = "aligned" if self.aligned else "unaligned"
         return f"{self.path.name}: {self.format.upper()} {kind}; samples: {n}; feature sizes: {dims}"

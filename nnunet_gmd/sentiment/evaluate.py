@@ -1,7 +1,8 @@
 """Missing-modality evaluation: MMSA metrics for each of the 7 subsets, and an optional random missing-rate curve.
 
-Every prediction goes through ``DSSentimentModel.forward`` with an availability mask, i.e. the real
-inference path in which absent branches are switched off.
+Every prediction goes through the model's ``forward`` with an availability mask, i.e. the real inference path
+in which absent branches are switched off. A subset is scored only on the samples that really have all of its
+modalities (utterance tables may lack some); a subset no sample has gets NaN metrics.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from nnunet_gmd.sentiment import MODALITIES, SHORT_NAMES  # noqa: E402
 from nnunet_gmd.sentiment.atomic import save_figure, write_json, write_text  # noqa: E402
 from nnunet_gmd.sentiment.batching import SplitTensors  # noqa: E402
 from nnunet_gmd.sentiment.metrics import METRIC_NAMES, mmsa_regression_metrics  # noqa: E402
-from nnunet_gmd.sentiment.model import DSSentimentModel  # noqa: E402
+from nnunet_gmd.sentiment.model import SentimentModel  # noqa: E402
 from nnunet_gmd.subsets import Subset, all_subsets, subset_mask, subset_name  # noqa: E402
 
 SUBSETS: list[Subset] = all_subsets(len(MODALITIES))
@@ -33,7 +34,7 @@ def subset_label(subset: Sequence[int]) -> str:
 
 
 @torch.no_grad()
-def predict(model: DSSentimentModel, tensors: SplitTensors, available: Tensor, batch_size: int = 64,
+def predict(model: SentimentModel, tensors: SplitTensors, available: Tensor, batch_size: int = 64,
             device: torch.device | str = "cpu") -> np.ndarray:
     """Predictions for the whole split; ``available`` is ``(M,)`` or ``(N, M)`` for the split's N samples."""
     model.eval()
@@ -46,13 +47,38 @@ def predict(model: DSSentimentModel, tensors: SplitTensors, available: Tensor, b
     return torch.cat(out).numpy()
 
 
-def evaluate_subsets(model: DSSentimentModel, tensors: SplitTensors, subsets: Sequence[Subset] = SUBSETS,
+def subset_rows(tensors: SplitTensors, subset: Sequence[int]) -> Tensor:
+    """Indices of the samples that have every modality of ``subset``."""
+    return tensors.available[:, list(subset)].all(1).nonzero().squeeze(1)
+
+
+def empty_metrics() -> dict[str, float]:
+    return {k: float("nan") for k in METRIC_NAMES}
+
+
+def predict_subsets(model: SentimentModel, tensors: SplitTensors, subsets: Sequence[Subset] = SUBSETS,
+                    batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, tuple[Tensor, np.ndarray]]:
+    """Per subset: the rows that have it and their predictions from exactly that subset."""
+    out = {}
+    for s in subsets:
+        rows = subset_rows(tensors, s)
+        preds = (predict(model, tensors.select(rows), subset_mask(s, len(MODALITIES)), batch_size, device)
+                 if rows.numel() else np.zeros(0, dtype=np.float32))
+        out[subset_label(s)] = (rows, preds)
+    return out
+
+
+def evaluate_subsets(model: SentimentModel, tensors: SplitTensors, subsets: Sequence[Subset] = SUBSETS,
                      batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """MMSA metrics per subset, keyed by short name (``L`` ... ``LAV``)."""
+    """MMSA metrics per subset, keyed by short name (``L`` ... ``LAV``), over the samples that have the subset."""
     truth = tensors.labels.numpy()
-    return {subset_label(s): mmsa_regression_metrics(predict(model, tensors, subset_mask(s, len(MODALITIES)),
-                                                             batch_size, device), truth)
-            for s in subsets}
+    return {name: mmsa_regression_metrics(preds, truth[rows.numpy()]) if rows.numel() else empty_metrics()
+            for name, (rows, preds) in predict_subsets(model, tensors, subsets, batch_size, device).items()}
+
+
+def subset_counts(tensors: SplitTensors, subsets: Sequence[Subset] = SUBSETS) -> dict[str, int]:
+    """How many samples each subset is scored on."""
+    return {subset_label(s): int(subset_rows(tensors, s).numel()) for s in subsets}
 
 
 def random_availability(n: int, num_modalities: int, rate: float, generator: torch.Generator) -> Tensor:
@@ -67,14 +93,31 @@ def random_availability(n: int, num_modalities: int, rate: float, generator: tor
     return mask
 
 
-def missing_rate_curve(model: DSSentimentModel, tensors: SplitTensors, rates: Sequence[float] = MISSING_RATES,
+def drop_within(available: Tensor, rate: float, generator: torch.Generator) -> Tensor:
+    """Randomly drop each available modality with probability ``rate``; a sample left with none keeps one of its
+    own (uniformly drawn), so a genuinely missing modality is never switched back on."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"missing rate must be in [0, 1), got {rate}")
+    mask = available & (torch.rand(available.shape, generator=generator) >= rate)
+    empty = ~mask.any(1)
+    if bool(empty.any()):
+        scores = torch.rand(available.shape, generator=generator).masked_fill(~available, -1.0)
+        keep = scores.argmax(1)
+        mask[empty, keep[empty]] = True
+    return mask
+
+
+def missing_rate_curve(model: SentimentModel, tensors: SplitTensors, rates: Sequence[float] = MISSING_RATES,
                        seed: int = 0, batch_size: int = 64, device: torch.device | str = "cpu") -> list[dict]:
     """MMSA metrics under random per-sample missingness at each rate (one seeded draw per rate)."""
     truth = tensors.labels.numpy()
     curve = []
     for rate in rates:
         generator = torch.Generator().manual_seed(seed)
-        mask = random_availability(len(tensors), len(MODALITIES), rate, generator)
+        if bool(tensors.available.all()):
+            mask = random_availability(len(tensors), len(MODALITIES), rate, generator)
+        else:  # genuinely missing modalities stay missing
+            mask = drop_within(tensors.available, rate, generator)
         metrics = mmsa_regression_metrics(predict(model, tensors, mask, batch_size, device), truth)
         curve.append({"missing_rate": float(rate), "available_fraction": float(mask.float().mean()), **metrics})
     return curve
@@ -85,11 +128,13 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"
 
 
-def metrics_markdown(metrics: dict[str, dict[str, float]], title: str) -> str:
-    lines = [f"# {title}", "", "| subset | " + " | ".join(METRIC_NAMES) + " |",
-             "|---|" + "---:|" * len(METRIC_NAMES)]
+def metrics_markdown(metrics: dict[str, dict[str, float]], title: str,
+                     counts: Optional[dict[str, int]] = None) -> str:
+    lines = [f"# {title}", "", "| subset | " + ("N | " if counts else "") + " | ".join(METRIC_NAMES) + " |",
+             "|---|" + ("---:|" if counts else "") + "---:|" * len(METRIC_NAMES)]
     for name, row in metrics.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(row[k]) for k in METRIC_NAMES) + " |")
+        n = f"{counts[name]} | " if counts else ""
+        lines.append(f"| {name} | {n}" + " | ".join(_fmt(row[k]) for k in METRIC_NAMES) + " |")
     lines += ["", "L = text, A = audio, V = vision. Metrics as defined by MMSA; values rounded to 4 decimals here, "
               "unrounded in metrics.json.", ""]
     return "\n".join(lines)
@@ -126,12 +171,15 @@ def curve_figure(curve: list[dict], title: str) -> plt.Figure:
 
 
 def write_reports(out_dir: str | Path, metrics: dict[str, dict[str, float]], title: str,
-                  curve: Optional[list[dict]] = None) -> list[Path]:
-    """metrics.json (keyed by subset), metrics.md, metrics.png and, with a curve, missing_rate_curve.json/.png."""
+                  curve: Optional[list[dict]] = None, counts: Optional[dict[str, int]] = None) -> list[Path]:
+    """metrics.json (keyed by subset), metrics.md, metrics.png and, with a curve, missing_rate_curve.json/.png.
+
+    ``counts`` (samples scored per subset) adds an N column to the table; it matters when modalities are missing.
+    """
     out = Path(out_dir)
     written = [out / "metrics.json", out / "metrics.md", out / "metrics.png"]
     write_json(written[0], metrics)
-    write_text(written[1], metrics_markdown(metrics, title))
+    write_text(written[1], metrics_markdown(metrics, title, counts))
     fig = metrics_figure(metrics, title)
     save_figure(fig, written[2])
     plt.close(fig)

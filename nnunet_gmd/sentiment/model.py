@@ -2,14 +2,18 @@
 
 * Modality-specific input encoders f_i (feature standardization + linear map) bring every modality to a common
   width.
-* A shared Transformer backbone T(.; theta) runs each modality separately. Its normalizations are the core's
-  :class:`~nnunet_gmd.networks.ModalityNorm`, so only the norm affine parameters are modality-specific, exactly
-  as in the DS U-Net.
+* A shared backbone T(.; theta) runs each modality separately: a Transformer for sequences, or a residual MLP
+  (``backbone="mlp"``) for utterance-level features, whose single time step gives attention nothing to do.
+  Its normalizations are the core's :class:`~nnunet_gmd.networks.ModalityNorm`, so only the norm affine
+  parameters are modality-specific, exactly as in the DS U-Net.
 * Fusion is the mean of the pooled hidden states of the available modalities, followed by a shared regression
   head. A missing modality is switched off: its branch is not computed, so its features and its own
   parameters never enter the graph (GMD's "parameters every subset reaches" rule relies on that).
 
 The availability mask follows the DS U-Net: bool ``(M,)`` or ``(B, M)``, True = available.
+
+:class:`EarlyFusionMLP` is the baseline without Dynamic Sharing: standardized, time-pooled features of all
+modalities concatenated (a missing modality zero-filled, i.e. set to its training mean) into one MLP.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ class ModelConfig:
     layers: int = 2
     heads: int = 4
     dropout: float = 0.1
+    backbone: str = "transformer"  # DS backbone: "transformer" or "mlp"
+    fusion: str = "late"  # "late": DS network; "early": EarlyFusionMLP
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -140,6 +146,44 @@ class SharedTemporalBackbone(nn.Module):
         return (x * valid).sum(1) / lengths.unsqueeze(-1).to(x.dtype)
 
 
+class SharedMLPBlock(nn.Module):
+    """Pre-norm residual MLP block, shared weights and modality-specific norms: the Transformer block minus
+    attention, which has nothing to attend to when every modality is one vector per utterance."""
+
+    def __init__(self, hidden: int, dropout: float, num_modalities: int) -> None:
+        super().__init__()
+        self.norm = SequenceModalityNorm(hidden, num_modalities)
+        self.ff = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(2 * hidden, hidden))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        return x + self.dropout(self.ff(self.norm(x, counts)))
+
+
+class SharedMLPBackbone(nn.Module):
+    """T(.; theta) for utterance features: shared residual MLP blocks per step, final modality norm, masked mean
+    pooling over time (a no-op for length-1 inputs, so sequence files still work)."""
+
+    def __init__(self, hidden: int, layers: int, dropout: float, num_modalities: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([SharedMLPBlock(hidden, dropout, num_modalities) for _ in range(layers)])
+        self.final_norm = SequenceModalityNorm(hidden, num_modalities)
+
+    def forward(self, x: Tensor, lengths: Tensor, counts: list[int]) -> Tensor:
+        for block in self.blocks:
+            x = block(x, counts)
+        x = self.final_norm(x, counts)
+        if x.shape[1] == 1:
+            return x[:, 0]
+        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
+        return (x * valid).sum(1) / lengths.unsqueeze(-1).to(x.dtype)
+
+
+BACKBONES: tuple[str, ...] = ("transformer", "mlp")
+FUSIONS: tuple[str, ...] = ("late", "early")
+
+
 class InputEncoder(nn.Module):
     """f_i: standardize the modality's features with training-set statistics, then map them to the common width."""
 
@@ -160,6 +204,23 @@ class InputEncoder(nn.Module):
         return self.proj((x - self.feature_mean) / self.feature_std)
 
 
+def check_availability(available: Optional[Tensor], batch_size: int, num_modalities: int,
+                       device: torch.device) -> Tensor:
+    """Expand a ``(M,)`` mask to ``(B, M)`` (None: all available) and refuse malformed or all-missing rows."""
+    m = num_modalities
+    if available is None:
+        return torch.ones(batch_size, m, dtype=torch.bool, device=device)
+    mask = available.to(device=device, dtype=torch.bool)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0).expand(batch_size, m)
+    if mask.dim() != 2 or mask.shape[0] != batch_size or mask.shape[1] != m:
+        raise ValueError(f"availability mask must have shape ({m},) or ({batch_size}, {m}), "
+                         f"got {list(available.shape)}")
+    if not bool(mask.any(1).all()):
+        raise ValueError("every sample needs at least one available modality; got an all-missing mask row")
+    return mask
+
+
 class DSSentimentModel(nn.Module):
     """DS network over text, audio and vision sequences with a regression output in sentiment units."""
 
@@ -170,9 +231,15 @@ class DSSentimentModel(nn.Module):
                              f"got {list(config.feature_dims)}")
         self.config = config
         self.num_modalities = len(MODALITIES)
+        if config.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {config.backbone!r}")
         self.encoders = nn.ModuleList([InputEncoder(d, config.hidden) for d in config.feature_dims])
-        self.backbone = SharedTemporalBackbone(config.hidden, config.layers, config.heads, config.dropout,
-                                               self.num_modalities)
+        self.backbone: nn.Module
+        if config.backbone == "mlp":
+            self.backbone = SharedMLPBackbone(config.hidden, config.layers, config.dropout, self.num_modalities)
+        else:
+            self.backbone = SharedTemporalBackbone(config.hidden, config.layers, config.heads, config.dropout,
+                                                   self.num_modalities)
         self.head = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
                                   nn.Linear(config.hidden, 1))
 
@@ -205,18 +272,7 @@ class DSSentimentModel(nn.Module):
     # ------------------------------------------------------------------ inference with missing modalities
     def availability(self, available: Optional[Tensor], batch_size: int, device: torch.device) -> Tensor:
         """Expand and check a ``(M,)`` or ``(B, M)`` mask, as the DS U-Net does."""
-        m = self.num_modalities
-        if available is None:
-            return torch.ones(batch_size, m, dtype=torch.bool, device=device)
-        mask = available.to(device=device, dtype=torch.bool)
-        if mask.dim() == 1:
-            mask = mask.unsqueeze(0).expand(batch_size, m)
-        if mask.dim() != 2 or mask.shape[0] != batch_size or mask.shape[1] != m:
-            raise ValueError(f"availability mask must have shape ({m},) or ({batch_size}, {m}), "
-                             f"got {list(available.shape)}")
-        if not bool(mask.any(1).all()):
-            raise ValueError("every sample needs at least one available modality; got an all-missing mask row")
-        return mask
+        return check_availability(available, batch_size, self.num_modalities, device)
 
     def forward(self, batch: SequenceBatch, available: Optional[Tensor] = None) -> Tensor:
         """Prediction ``(B,)`` from the available modalities only; missing branches are never computed."""
@@ -246,3 +302,73 @@ class DSSentimentModel(nn.Module):
             else:
                 owners[name] = None
         return owners
+
+
+class Standardizer(nn.Module):
+    """Per-feature standardization with training-set statistics (the early-fusion model's only per-modality part)."""
+
+    feature_mean: Tensor
+    feature_std: Tensor
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+
+    def set_statistics(self, mean: Tensor, std: Tensor) -> None:
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.feature_mean) / self.feature_std
+
+
+class EarlyFusionMLP(nn.Module):
+    """Baseline: one MLP on the concatenated, standardized, time-pooled features of all modalities.
+
+    A missing modality is zero-filled after standardization (its training mean), the usual way such models are
+    run on incomplete inputs; with random modality dropout in training it learns to expect that.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if len(config.feature_dims) != len(MODALITIES):
+            raise ValueError(f"need {len(MODALITIES)} feature sizes ({', '.join(MODALITIES)}), "
+                             f"got {list(config.feature_dims)}")
+        self.config = config
+        self.num_modalities = len(MODALITIES)
+        self.encoders = nn.ModuleList([Standardizer(d) for d in config.feature_dims])
+        layers: list[nn.Module] = []
+        width = sum(config.feature_dims)
+        for _ in range(config.layers):
+            layers += [nn.Linear(width, config.hidden), nn.GELU(), nn.Dropout(config.dropout)]
+            width = config.hidden
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    @staticmethod
+    def _pool(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        if lengths is None or x.shape[1] == 1:
+            return x.mean(1)
+        steps = x.shape[1]
+        lengths = lengths.to(device=x.device, dtype=torch.long).clamp(1, steps)
+        valid = (torch.arange(steps, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
+        return (x * valid).sum(1) / lengths.unsqueeze(-1).to(x.dtype)
+
+    def forward(self, batch: SequenceBatch, available: Optional[Tensor] = None) -> Tensor:
+        mask = check_availability(available, batch.batch_size, self.num_modalities, batch.features[0].device)
+        parts = []
+        for m in range(self.num_modalities):
+            pooled = self._pool(self.encoders[m](batch.features[m]), batch.lengths[m])
+            # where() rather than a product: a missing modality's (possibly garbage) values never reach the output
+            parts.append(torch.where(mask[:, m:m + 1], pooled, torch.zeros_like(pooled)))
+        return self.mlp(torch.cat(parts, 1)).squeeze(-1)
+
+
+SentimentModel = DSSentimentModel | EarlyFusionMLP
+
+
+def build_model(config: ModelConfig) -> SentimentModel:
+    """The network a config describes: the DS network (late fusion) or the early-fusion baseline."""
+    if config.fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {config.fusion!r}")
+    return EarlyFusionMLP(config) if config.fusion == "early" else DSSentimentModel(config)

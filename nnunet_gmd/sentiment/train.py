@@ -1,17 +1,24 @@
-"""Training the DS sentiment model with GMD, plain DS (mean of subset losses) or the full-modality baseline.
+"""Training the sentiment models: GMD, plain DS (mean of subset losses), the full-modality DS baseline and two
+early-fusion baselines.
 
 * ``gmd``: one forward of all branches, one L1 loss per subset on the fused prediction of its branches, then
   the core's :func:`nnunet_gmd.gmd.gmd_backward` (PCGrad-style decoupling, merge) and an optimizer step.
 * ``ds``: the same subset losses, averaged, one backward (no decoupling).
-* ``full``: one loss with all modalities: the usual baseline, which collapses when a modality is missing.
+* ``full``: one loss with all (available) modalities: late fusion without per-subset losses.
+* ``early``: :class:`~nnunet_gmd.sentiment.model.EarlyFusionMLP` on concatenated features, missing ones
+  zero-filled; ``early_dropout``: the same with random modality dropout (``modality_dropout``) in training.
 
-Model selection uses the ``valid`` split: the mean MAE over the subsets the method trains on (all subsets for
-``gmd``/``ds``, the full set for ``full``). ``last.pt`` (everything needed to resume, RNG states included) and
-``best.pt`` are written atomically after every epoch, together with ``history.json`` and ``training_curve.png``.
+A sample that lacks a modality (utterance tables) enters a subset's loss only if it has all of the subset's
+modalities, as in the DS trainers. Model selection uses the ``valid`` split: the mean MAE over the subsets the
+method is meant to serve (all 7 for ``gmd``/``ds``/``early_dropout``, the full set for ``full``/``early``).
+``last.pt`` (everything needed to resume, RNG states included) and ``best.pt`` are written atomically after
+every epoch, together with ``history.json``, ``training_curve.png`` and, for GMD, ``dominance.png``: the
+per-epoch unimodal gradient norms and conflicting subset pairs (the paper's dominance indicator).
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -25,17 +32,19 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from nnunet_gmd.gmd import REDUCTIONS, gmd_backward  # noqa: E402
-from nnunet_gmd.sentiment import MODALITIES  # noqa: E402
+from nnunet_gmd.gmd import REDUCTIONS, GMDStats, gmd_backward  # noqa: E402
+from nnunet_gmd.sentiment import MODALITIES, SHORT_NAMES  # noqa: E402
 from nnunet_gmd.sentiment.atomic import save_figure, write_json  # noqa: E402
 from nnunet_gmd.sentiment.batching import SplitTensors, feature_statistics  # noqa: E402
 from nnunet_gmd.sentiment.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nnunet_gmd.sentiment.data import SentimentData  # noqa: E402
-from nnunet_gmd.sentiment.evaluate import SUBSETS, evaluate_subsets, subset_label  # noqa: E402
-from nnunet_gmd.sentiment.model import DSSentimentModel, ModelConfig  # noqa: E402
+from nnunet_gmd.sentiment.evaluate import SUBSETS, drop_within, evaluate_subsets, subset_label  # noqa: E402
+from nnunet_gmd.sentiment.model import BACKBONES, ModelConfig, SentimentModel, build_model  # noqa: E402
 from nnunet_gmd.subsets import SubsetSampler  # noqa: E402
 
-METHODS: tuple[str, ...] = ("gmd", "ds", "full")
+METHODS: tuple[str, ...] = ("gmd", "ds", "full", "early", "early_dropout")
+SUBSET_METHODS: tuple[str, ...] = ("gmd", "ds")  # one loss per modality subset
+EARLY_METHODS: tuple[str, ...] = ("early", "early_dropout")
 DATASETS: tuple[str, ...] = ("mosi", "mosei")
 FULL_SET = SUBSETS[-1]
 
@@ -59,6 +68,9 @@ class TrainConfig:
     layers: int = 2
     heads: int = 4
     dropout: float = 0.1
+    backbone: str = "transformer"  # DS backbone; "mlp" for utterance-level (length-1) features
+    modality_dropout: float = 0.5  # early_dropout: chance that each available modality is dropped per sample
+    valid_videos: Optional[int] = None  # utterance tables: whole videos held out for model selection
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -68,21 +80,26 @@ class TrainConfig:
         if self.subsets_per_step is not None and not 1 <= self.subsets_per_step <= len(SUBSETS):
             raise TrainingError(f"--subsets must be 'all' or an integer in [1, {len(SUBSETS)}], "
                                 f"got {self.subsets_per_step}")
-        if self.method == "full" and self.subsets_per_step is not None:
-            raise TrainingError("--subsets applies to --method gmd and ds; 'full' always trains on all modalities")
+        if self.method not in SUBSET_METHODS and self.subsets_per_step is not None:
+            raise TrainingError(f"--subsets applies to --method gmd and ds; '{self.method}' has no subset losses")
+        if self.backbone not in BACKBONES:
+            raise TrainingError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise TrainingError(f"modality dropout must be in [0, 1), got {self.modality_dropout}")
         if self.gmd_reduction not in REDUCTIONS:
             raise TrainingError(f"gmd reduction must be one of {REDUCTIONS}, got {self.gmd_reduction!r}")
         for name in ("epochs", "batch_size", "hidden", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden % self.heads:
+        if self.backbone == "transformer" and self.method not in EARLY_METHODS and self.hidden % self.heads:
             raise TrainingError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise TrainingError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def model_config(self, feature_dims: dict[str, int]) -> ModelConfig:
         return ModelConfig(tuple(feature_dims[m] for m in MODALITIES), self.hidden, self.layers, self.heads,
-                           self.dropout)
+                           self.dropout, backbone=self.backbone,
+                           fusion="early" if self.method in EARLY_METHODS else "late")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -98,49 +115,117 @@ class TrainResult:
     epochs_run: int  # in this call; 0 when a resumed run already had all requested epochs
 
 
-def _selection_subsets(method: str) -> list[tuple[int, ...]]:
-    return [FULL_SET] if method == "full" else list(SUBSETS)
+def selection_subsets(method: str) -> list[tuple[int, ...]]:
+    """The subsets whose mean valid MAE selects the epoch: those the method is meant to serve."""
+    return [FULL_SET] if method in ("full", "early") else list(SUBSETS)
 
 
-def _train_step(model: DSSentimentModel, optimizer: torch.optim.Optimizer, batch, labels: torch.Tensor,
-                config: TrainConfig, sampler: SubsetSampler, gmd_generator: torch.Generator,
-                params: list[torch.Tensor]) -> dict[str, float]:
-    optimizer.zero_grad(set_to_none=True)
-    if config.method == "full":
-        loss = F.l1_loss(model(batch), labels)
-        loss.backward()
-        optimizer.step()
-        return {"loss": float(loss.detach())}
-    subsets = sampler.sample()
-    pooled = model.forward_branches(batch)
-    losses = [F.l1_loss(model.predict_subset(pooled, s), labels) for s in subsets]
-    conflicts = 0
-    if config.method == "gmd":
-        conflicts = gmd_backward(losses, params, reduction=config.gmd_reduction, generator=gmd_generator).num_conflicts
-    else:
-        torch.stack(losses).mean().backward()
-    optimizer.step()
-    return {"loss": float(torch.stack(losses).detach().mean()), "conflicts": float(conflicts)}
+def unimodal_grad_norms(stats: GMDStats, subsets: list[tuple[int, ...]]) -> list[float]:
+    """Gradient norm of each single-modality subset's loss this step (NaN when not drawn or no sample had it)."""
+    norms = [float("nan")] * len(MODALITIES)
+    for subset, norm in zip(subsets, stats.grad_norms.tolist()):
+        if len(subset) == 1:
+            norms[subset[0]] = norm
+    return norms
 
 
-def _validate(model: DSSentimentModel, valid: SplitTensors, method: str, batch_size: int,
-              device: torch.device) -> tuple[float, dict[str, float]]:
-    maes = {name: m["MAE"] for name, m in
-            evaluate_subsets(model, valid, _selection_subsets(method), batch_size, device).items()}
-    return float(np.mean(list(maes.values()))), maes
+class Trainer:
+    """One training run's moving parts (model, optimizer, generators) and its epoch loop, without any files:
+    :func:`train` adds checkpoints and plots, the benchmark keeps the best state in memory."""
+
+    def __init__(self, model: SentimentModel, train_set: SplitTensors, valid_set: SplitTensors,
+                 config: TrainConfig, device: torch.device) -> None:
+        self.model, self.train_set, self.valid_set = model, train_set, valid_set
+        self.config, self.device = config, device
+        for encoder, (mean, std) in zip(model.encoders, feature_statistics(train_set)):
+            encoder.set_statistics(mean, std)
+        model.to(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.gmd_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.sampler = SubsetSampler(len(MODALITIES), k=config.subsets_per_step, seed=config.seed + 2)
+        self.dropout_generator = torch.Generator().manual_seed(config.seed + 3)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_set.num_batches(self.config.batch_size)
+
+    def rng_state(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
+                "gmd": self.gmd_generator.get_state(), "sampler": self.sampler.state_dict()["generator"],
+                "dropout": self.dropout_generator.get_state()}
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        self.shuffle.set_state(state["shuffle"])
+        self.gmd_generator.set_state(state["gmd"])
+        self.sampler.load_state_dict({"generator": state["sampler"]})
+        if "dropout" in state:
+            self.dropout_generator.set_state(state["dropout"])
+
+    def step(self, batch, labels: torch.Tensor, available: torch.Tensor) -> dict[str, Any]:
+        config, model = self.config, self.model
+        self.optimizer.zero_grad(set_to_none=True)
+        if config.method not in SUBSET_METHODS:
+            mask = available
+            if config.method == "early_dropout":
+                mask = drop_within(available.cpu(), config.modality_dropout, self.dropout_generator).to(self.device)
+            loss = F.l1_loss(model(batch, mask), labels)
+            loss.backward()
+            self.optimizer.step()
+            return {"loss": float(loss.detach())}
+        pooled = model.forward_branches(batch)
+        losses, used = [], []
+        for s in self.sampler.sample():
+            rows = available[:, list(s)].all(1)
+            if not bool(rows.any()):
+                continue  # nobody in this batch has the subset: it has no loss this step
+            pred = model.predict_subset(pooled, s)
+            losses.append(F.l1_loss(pred, labels) if bool(rows.all()) else F.l1_loss(pred[rows], labels[rows]))
+            used.append(s)
+        out: dict[str, Any] = {"loss": float(torch.stack(losses).detach().mean())}
+        if config.method == "gmd":
+            stats = gmd_backward(losses, self.params, reduction=config.gmd_reduction, generator=self.gmd_generator)
+            out["conflicts"] = float(stats.num_conflicts)
+            out["grad_norms"] = unimodal_grad_norms(stats, used)
+        else:
+            torch.stack(losses).mean().backward()
+        self.optimizer.step()
+        return out
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        maes = {name: m["MAE"] for name, m in evaluate_subsets(
+            self.model, self.valid_set, selection_subsets(self.config.method), 2 * self.config.batch_size,
+            self.device).items()}
+        finite = [v for v in maes.values() if np.isfinite(v)]  # a subset no valid sample has is skipped
+        return (float(np.mean(finite)) if finite else float("inf")), maes
+
+    def epoch(self, epoch: int, bar: Optional[tqdm] = None) -> dict[str, Any]:
+        """Train one epoch, validate, and return the history entry."""
+        started = time.time()
+        self.model.train()
+        logs = []
+        for batch, labels, available in self.train_set.batches(self.config.batch_size, self.shuffle):
+            logs.append(self.step(batch.to(self.device), labels.to(self.device), available.to(self.device)))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{logs[-1]['loss']:.3f}")
+        score, maes = self.validate()
+        entry = {"epoch": epoch, "train_loss": float(np.mean([x["loss"] for x in logs])),
+                 "valid_score": score, "valid_mae": maes, "seconds": time.time() - started}
+        if self.config.method == "gmd":
+            entry["mean_conflicts"] = float(np.mean([x["conflicts"] for x in logs]))
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a modality no batch had: NaN, on purpose
+                norms = np.nanmean(np.array([x["grad_norms"] for x in logs], dtype=float), axis=0)
+            entry["unimodal_grad_norms"] = {n: float(v) for n, v in zip(SHORT_NAMES, norms)}
+        return entry
 
 
-def _rng_state(shuffle: torch.Generator, gmd: torch.Generator, sampler: SubsetSampler) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(), "gmd": gmd.get_state(),
-            "sampler": sampler.state_dict()["generator"]}
-
-
-def _restore_rng(state: dict[str, Any], shuffle: torch.Generator, gmd: torch.Generator,
-                 sampler: SubsetSampler) -> None:
-    torch.set_rng_state(state["torch"])
-    shuffle.set_state(state["shuffle"])
-    gmd.set_state(state["gmd"])
-    sampler.load_state_dict({"generator": state["sampler"]})
+def make_model(config: TrainConfig, feature_dims: dict[str, int]) -> SentimentModel:
+    torch.manual_seed(config.seed)
+    return build_model(config.model_config(feature_dims))
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, data: SentimentData, path: Path) -> None:
@@ -169,9 +254,31 @@ def training_curve_figure(history: list[dict], title: str) -> plt.Figure:
     return fig
 
 
+def dominance_figure(history: list[dict], title: str) -> plt.Figure:
+    """Unimodal gradient norms (log scale: a dominant modality is often orders of magnitude ahead) and
+    conflicting subset pairs per step, per epoch; ``history`` entries of a GMD run."""
+    epochs = [h["epoch"] for h in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for i, name in enumerate(SHORT_NAMES):
+        top.plot(epochs, [h["unimodal_grad_norms"][name] for h in history], marker="o",
+                 label=f"{name} ({MODALITIES[i]}) alone")
+    top.set_yscale("log")
+    top.set_ylabel("gradient norm of the\nunimodal subset loss")
+    top.grid(alpha=0.3, which="both")
+    top.legend()
+    top.set_title(title)
+    bottom.plot(epochs, [h["mean_conflicts"] for h in history], marker="o", color="tab:red")
+    bottom.set_ylabel(f"conflicting subset pairs / step\n(of {len(SUBSETS) * (len(SUBSETS) - 1) // 2})")
+    bottom.set_xlabel("epoch")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def train(data: SentimentData, config: TrainConfig, out_dir: str | Path, resume: bool = False,
           device: torch.device | str = "cpu", progress: bool = True) -> TrainResult:
-    """Train (or resume) and write ``last.pt``, ``best.pt``, ``history.json``, ``training_curve.png`` in ``out_dir``."""
+    """Train (or resume) and write ``last.pt``, ``best.pt``, ``history.json``, ``training_curve.png`` (and, for GMD,
+    ``dominance.png``) in ``out_dir``."""
     out = Path(out_dir)
     device = torch.device(device)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -185,56 +292,39 @@ def train(data: SentimentData, config: TrainConfig, out_dir: str | Path, resume:
         raise TrainingError(f"{out} already holds a training run (last.pt); pass --resume to continue it or "
                             f"choose another --out")
 
-    torch.manual_seed(config.seed)
-    model = DSSentimentModel(config.model_config(data.feature_dims))
-    train_set, valid_set = SplitTensors(data.splits["train"]), SplitTensors(data.splits["valid"])
-    for encoder, (mean, std) in zip(model.encoders, feature_statistics(train_set)):
-        encoder.set_statistics(mean, std)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    shuffle = torch.Generator().manual_seed(config.seed)
-    gmd_generator = torch.Generator().manual_seed(config.seed + 1)
-    sampler = SubsetSampler(len(MODALITIES), k=config.subsets_per_step, seed=config.seed + 2)
+    model = make_model(config, data.feature_dims)
+    trainer = Trainer(model, SplitTensors(data.splits["train"]), SplitTensors(data.splits["valid"]), config, device)
     history: list[dict] = []
     best_epoch, best_score, start_epoch = 0, float("inf"), 0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _restore_rng(state["rng"], shuffle, gmd_generator, sampler)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.restore_rng(state["rng"])
         history = list(state["history"])
         best_epoch, best_score, start_epoch = state["best_epoch"], state["best_score"], state["epoch"]
 
-    steps_per_epoch = train_set.num_batches(config.batch_size)
-    bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, disable=not progress,
+    steps = trainer.steps_per_epoch
+    bar = tqdm(total=config.epochs * steps, initial=start_epoch * steps, disable=not progress,
                desc=f"sentiment {config.method}", unit="step", dynamic_ncols=True)
-    common = {"train_config": asdict(config), "model_config": model.config.to_dict(),
-              "data": {"path": str(data.path), "format": data.format, "aligned": data.aligned}}
+    data_info: dict[str, Any] = {"path": str(data.path), "format": data.format, "aligned": data.aligned}
+    if data.splits["valid"].video_ids is not None:
+        data_info["valid_videos"] = sorted(set(data.splits["valid"].video_ids))
+    common = {"train_config": asdict(config), "model_config": model.config.to_dict(), "data": data_info}
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            started = time.time()
-            model.train()
-            logs = []
-            for batch, labels in train_set.batches(config.batch_size, shuffle):
-                logs.append(_train_step(model, optimizer, batch.to(device), labels.to(device), config, sampler,
-                                        gmd_generator, params))
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{logs[-1]['loss']:.3f}")
-            score, maes = _validate(model, valid_set, config.method, 2 * config.batch_size, device)
-            entry = {"epoch": epoch, "train_loss": float(np.mean([x["loss"] for x in logs])),
-                     "valid_score": score, "valid_mae": maes, "seconds": time.time() - started}
-            if config.method == "gmd":
-                entry["mean_conflicts"] = float(np.mean([x["conflicts"] for x in logs]))
+            entry = trainer.epoch(epoch, bar)
             history.append(entry)
+            score, maes = entry["valid_score"], entry["valid_mae"]
             comparable = score if np.isfinite(score) else float("inf")  # a diverged epoch never wins
             if comparable < best_score or best_epoch == 0:
                 best_epoch, best_score = epoch, comparable
                 save_checkpoint(best_path, {**common, "model": model.state_dict(), "epoch": epoch,
                                             "valid_score": score, "valid_mae": maes})
             bar.set_postfix(epoch=epoch, valid_mae=f"{score:.3f}", best=best_epoch)
-            save_checkpoint(last_path, {**common, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "rng": _rng_state(shuffle, gmd_generator, sampler), "epoch": epoch,
-                                        "history": history, "best_epoch": best_epoch, "best_score": best_score})
+            save_checkpoint(last_path, {**common, "model": model.state_dict(),
+                                        "optimizer": trainer.optimizer.state_dict(), "rng": trainer.rng_state(),
+                                        "epoch": epoch, "history": history, "best_epoch": best_epoch,
+                                        "best_score": best_score})
             _write_history(out, history, config)
     finally:
         bar.close()
@@ -243,9 +333,13 @@ def train(data: SentimentData, config: TrainConfig, out_dir: str | Path, resume:
 
 def _write_history(out: Path, history: list[dict], config: TrainConfig) -> None:
     write_json(out / "history.json", history)
-    selection = _selection_subsets(config.method)
+    selection = selection_subsets(config.method)
     on = "all 7 subsets" if len(selection) == len(SUBSETS) else "+".join(subset_label(s) for s in selection)
     fig = training_curve_figure(history, f"{config.dataset.upper()} {config.method}: model selection on valid "
                                          f"MAE, mean over {on}")
     save_figure(fig, out / "training_curve.png")
     plt.close(fig)
+    if config.method == "gmd":
+        fig = dominance_figure(history, f"{config.dataset.upper()} GMD: modality dominance per epoch")
+        save_figure(fig, out / "dominance.png")
+        plt.close(fig)
