@@ -32,6 +32,9 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("ds", "nnUNetTrainerDS", "DS"),
     Method("gmd", "nnUNetTrainerGMD", "GMD"),
     Method("gmd_k5", "nnUNetTrainerGMD_k5", "GMD k=5"),
+    Method("gmd_amortized", "nnUNetTrainerGMD_amortized", "GMD amortised N=16"),
+    Method("gmd_amortized_sub", "nnUNetTrainerGMD_amortized_sub", "GMD amortised sub-batch N=8"),
+    Method("gmd_m1", "nnUNetTrainerGMD_m1", "GMD M+1 objectives"),
 )}
 
 
