@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     sub_weights = torch.ones(len(subsets))
     data_gen = torch.Generator().manual_seed(args.seed + 3)
     history: list[tuple[int, Tensor]] = []  # (step, weights) of every refresh of the training run
-    probes, losses = [], []
+    probes, losses, refresh_conflicts = [], [], []
     started = time.monotonic()
     for step in tqdm(range(args.steps + 1), desc="gmd staleness"):
         idx = torch.randperm(len(images), generator=data_gen)[:args.batch]
@@ -147,12 +147,14 @@ def run(args: argparse.Namespace) -> dict:
         out = mode.backward(net, x, subsets, loss, generator=gen)
         if out.stats is not None:
             history.append((step, out.weights.clone()))
+            refresh_conflicts.append([step, out.stats.num_conflicts])
         losses.append(float(out.losses.mean()))
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
     return {"config": {k: v for k, v in vars(args).items() if k != "out"}, "features": FEATURES,
             "slices": len(images), "seconds": round(time.monotonic() - started, 1),
             "threads": torch.get_num_threads(), "train_loss": losses, "probes": probes,
+            "refresh_conflicts": refresh_conflicts,
             "summary": summarise(probes)}
 
 
@@ -185,7 +187,11 @@ def plot(result: dict, path: Path) -> None:
     top.set_xlabel("training step")
     top.set_title("merged gradient of each mode vs exact GMD, same batch and weights")
     top.legend()
-    middle.plot(steps, [p["conflicts"] for p in probes], marker="o", color="tab:red")
+    middle.plot(steps, [p["conflicts"] for p in probes], marker="o", color="tab:red", label="probe batches")
+    refreshes = result.get("refresh_conflicts", [])
+    middle.plot([r[0] for r in refreshes], [r[1] for r in refreshes], ".", color="tab:gray",
+                label="training run's exact refreshes")
+    middle.legend()
     middle.set_ylabel("conflicting pairs (of 105)")
     middle.set_xlabel("training step")
     ages = [(a, c) for p in probes for a, c in p["cos_by_age"]]
