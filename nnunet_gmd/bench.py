@@ -12,6 +12,7 @@ optimiser, batch) is its own, and the median of several timed steps after a warm
 
 ``--fusion features`` runs the same figures for the feature-fusion DS network (``DSFeatureFusionUNet``): there
 a subset's VJP also runs through its own decoder pass, which dominates the step.
+* the cheap modes of :mod:`nnunet_gmd.gmd_fast` (``gmd_fast_s``, ``fast_rel_err``...): see :mod:`nnunet_gmd.bench_fast`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 from nnunet_gmd.cli import UserError
 
 METHODS = ("plain", "reference", "gmd", "gmd_k5", "floor")
+FAST_METHODS = ("gmd_weighted", "gmd_amortized", "gmd_amortized_sub", "gmd_m1")  # nnunet_gmd.bench_fast
 DEFAULTS = dict(modalities=4, features=[16, 32, 64, 96, 128], size=32, batch=2, steps=5, warmup=1, seed=0,
                 fusion="logits")
 FUSION_CHOICES = ("logits", "features")
@@ -52,10 +54,15 @@ def build(cfg: dict):
     def loss(output, _subset=None):
         return sum(w * nn.functional.cross_entropy(o, t) for w, o, t in zip(weights, output, targets)) / sum(weights)
 
+    loss.targets, loss.weights = targets, weights  # for the sub-batch Gram of nnunet_gmd.bench_fast
     return net, x, loss
 
 
 def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
+    if method in FAST_METHODS:
+        from nnunet_gmd import bench_fast
+
+        return bench_fast.step_fn(method, cfg), None
     from nnunet_gmd import gmd
     from nnunet_gmd.gmd_reference import reference_gmd_grads
     from nnunet_gmd.subsets import SubsetSampler, all_subsets
@@ -123,7 +130,7 @@ def run_worker(method: str, cfg: dict) -> dict:
     for _ in range(cfg["steps"]):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / getattr(fn, "steps_per_call", 1))
     # the warm-up step already set the peak; a fresh process per method keeps it the method's own
     return {"median_s": statistics.median(times), "peak_mb": _peak_rss_mb(), "base_mb": base}
 
@@ -172,7 +179,7 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
     blob = json.dumps(cfg)
     result: dict = {"config": cfg}
     setup = _subprocess(["--worker", "setup", "--cfg", blob])["rss_mb"]
-    for method in tqdm(METHODS, desc="bench gmd", disable=not progress):
+    for method in tqdm(METHODS + FAST_METHODS, desc="bench gmd", disable=not progress):
         r = _subprocess(["--worker", method, "--cfg", blob])
         result[f"{method}_s"] = round(r["median_s"], 4)
         result.setdefault("peak_extra_mb", {})[method] = round(max(0.0, r["peak_mb"] - setup), 1)
@@ -187,6 +194,9 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
                         "reference_over_plain": round(result["reference_s"] / plain, 2),
                         "gmd_peak_over_reference_peak": round(result["peak_extra_mb"]["gmd"]
                                                               / max(result["peak_extra_mb"]["reference"], 1e-9), 3)}
+    from nnunet_gmd import bench_fast
+
+    result.update(bench_fast.summary(result, _subprocess(["--worker", "fast_accuracy", "--cfg", blob])))
     return result
 
 
@@ -194,7 +204,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in ("steps", "size", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"bench gmd: --{name} must be a positive integer, got {getattr(args, name)}")
-    cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion)
+    cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion,
+               fast_interval=args.fast_interval, sub_interval=args.sub_interval)
     result = run_benchmark(cfg, progress=not args.json)
     if args.json:
         print(json.dumps(result))
@@ -211,6 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="timed steps per method (median)")
     p.add_argument("--size", type=int, default=DEFAULTS["size"], help="cubic input size")
+FAST_METHODS = ("gmd_weighted", "gmd_amortized", "gmd_amortized_sub", "gmd_m1")  # nnunet_gmd.bench_fast
     p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default %(default)s)")
     p.add_argument("--fusion", choices=FUSION_CHOICES, default=DEFAULTS["fusion"],
                    help="DS network: fused at the logits (DSUNet) or at every skip (DSFeatureFusionUNet); "
@@ -226,6 +238,10 @@ def _worker_main(argv: list[str]) -> None:
     cfg = json.loads(a.cfg)
     if a.worker == "setup":
         print(json.dumps({"rss_mb": setup_rss_mb(cfg)}))
+    elif a.worker == "fast_accuracy":
+        from nnunet_gmd import bench_fast
+
+        print(json.dumps(bench_fast.accuracy(cfg)))
     elif a.worker == "accuracy":
         print(json.dumps({"max_rel_err": accuracy(cfg)}))
     else:

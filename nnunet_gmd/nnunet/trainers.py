@@ -5,6 +5,7 @@
 * ``nnUNetTrainerDS``: Dynamic Sharing network on the mean of the subset losses, no decoupling (the ablation).
 * ``nnUNetTrainerDS_FF``, ``nnUNetTrainerGMD_FF``, ``nnUNetTrainerGMD_k5_FF``: the same three on the feature-fusion
   DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
+* ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
 Every per-subset loss is nnU-Net's own loss (DC+CE or the region loss, deep-supervision weighted) on the mean of
@@ -13,6 +14,7 @@ that subset's branch logits. Validation and the final validation use all modalit
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -25,6 +27,7 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_gmd.gmd import GMDStats, ds_gmd_backward, ds_subset_losses
+from nnunet_gmd.gmd_fast import AmortizedGMD, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase
 from nnunet_gmd.nnunet.baselines import OptionalFinalValidation, apply_budget_from_env, derived_seed
 from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
@@ -322,3 +325,121 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_smoke", "nnUNetTrainerGMD_k5_smoke", "nnUNetTrainerDS_FF", "nnUNetTrainerGMD_FF",
            "nnUNetTrainerGMD_k5_FF", "nnUNetTrainerDS_FF_smoke", "nnUNetTrainerGMD_FF_smoke",
            "nnUNetTrainerGMD_k5_FF_smoke"]
+
+
+# ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
+class nnUNetTrainerGMD_amortized(nnUNetTrainerGMD):
+    """GMD whose PCGrad weights are computed exactly every ``gmd_interval`` steps and reused in between.
+
+    A reuse step is one weighted backward through all branches (about a DS step); a refresh step is an exact GMD
+    step, and only those steps log conflicts and unimodal gradient norms. ``gram_batch`` computes the refresh's
+    Gram matrix on the first samples of the batch only; ``objectives = "unimodal+full"`` decouples the M + 1
+    objectives (unimodal subsets and the full set) instead of all 2^M - 1. The cached weights and step counter are
+    in the checkpoint, so ``--c`` resumes the schedule.
+    """
+
+    gmd_interval: int = 16
+    gram_batch: Optional[int] = None  # None: the refresh's Gram on the whole batch
+    objectives: str = "all"  # or "unimodal+full"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.objectives not in ("all", "unimodal+full"):
+            raise ValueError(f"objectives must be 'all' or 'unimodal+full', got {self.objectives!r}")
+        self.amortized_gmd = AmortizedGMD(self.gmd_interval, self.gmd_reduction)
+
+    def _objectives(self) -> list:
+        if self.objectives == "unimodal+full":
+            return unimodal_and_full(self.num_input_channels)
+        return self.subset_sampler.sample()
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._batch_to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.grad_scaler
+
+        def loss_on(tgt):
+            def subset_loss(output, _subset):
+                loss = self.loss(output, tgt)
+                return scaler.scale(loss) if scaler is not None else loss
+            return subset_loss
+
+        subsets = self._objectives()
+        gram_input = None
+        if self.gram_batch is not None and self.amortized_gmd.needs_refresh(subsets):
+            rows = slice(0, self.gram_batch)
+            gram_input = (data[rows], loss_on([t[rows] for t in target] if isinstance(target, list)
+                                              else target[rows]))
+        with self._autocast():
+            step = self.amortized_gmd.backward(self._ds_network(), data, subsets, loss_on(target),
+                                               generator=self.gmd_generator, gram_input=gram_input)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        self._optimizer_step()
+        out = {"loss": float(step.losses.mean()) / scale, "conflicts": np.nan,
+               "modality_grad_norms": np.full(self.num_input_channels, np.nan)}
+        if step.stats is not None:
+            out.update(conflicts=step.stats.num_conflicts,
+                       modality_grad_norms=self._modality_grad_norms(step.stats) / scale)
+        return out
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """As GMD's, averaging the statistics over the refresh steps only (NaN for an epoch without one)."""
+        nnUNetTrainerDS.on_train_epoch_end(self, [{"loss": np.asarray(o["loss"])} for o in train_outputs])
+        conflicts = np.array([o["conflicts"] for o in train_outputs], dtype=float)
+        norms = np.stack([o["modality_grad_norms"] for o in train_outputs])
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (conflicts, norms))
+            conflicts = np.concatenate([g[0] for g in gathered])
+            norms = np.concatenate([g[1] for g in gathered])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an epoch without a refresh step: all NaN
+            mean_conflicts = float(np.nanmean(conflicts)) if len(conflicts) else float("nan")
+            mean_norms = [float(v) for v in np.nanmean(norms, axis=0)] if len(norms) else []
+        self.logger.log(CONFLICTS_KEY, mean_conflicts, self.current_epoch)
+        self.logger.log(GRAD_NORMS_KEY, mean_norms, self.current_epoch)
+        refreshes = int(np.isfinite(conflicts).sum())
+        self.print_to_log_file(f"GMD (amortised, {refreshes} exact steps): {mean_conflicts:.2f} conflicting subset "
+                               "pairs per exact step; unimodal gradient norms "
+                               + ", ".join(f"{n}={v:.3g}" for n, v in zip(self.modality_names, mean_norms)))
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "amortized_gmd": self.amortized_gmd.state_dict()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        super()._load_extra_state(state)
+        if state.get("amortized_gmd") is not None:
+            self.amortized_gmd.load_state_dict(state["amortized_gmd"])
+
+
+class nnUNetTrainerGMD_amortized_sub(nnUNetTrainerGMD_amortized):
+    """Amortised GMD whose refresh computes the Gram matrix on one sample of the batch, every 8 steps."""
+
+    gmd_interval = 8
+    gram_batch = 1
+
+
+class nnUNetTrainerGMD_m1(nnUNetTrainerGMD_amortized):
+    """Exact GMD every step over the M + 1 objectives: the unimodal subsets and the full set (2M branch VJPs)."""
+
+    gmd_interval = 1
+    objectives = "unimodal+full"
+
+
+class nnUNetTrainerGMD_amortized_smoke(nnUNetTrainerGMD_amortized):
+    budget = _SMOKE_BUDGET
+    gmd_interval = 4  # 6 smoke steps: refreshes at steps 0 and 4, reuse steps in between
+
+
+class nnUNetTrainerGMD_amortized_sub_smoke(nnUNetTrainerGMD_amortized_sub):
+    budget = _SMOKE_BUDGET
+    gmd_interval = 4
+
+
+class nnUNetTrainerGMD_m1_smoke(nnUNetTrainerGMD_m1):
+    budget = _SMOKE_BUDGET
+
+
+__all__ += ["nnUNetTrainerGMD_amortized", "nnUNetTrainerGMD_amortized_sub", "nnUNetTrainerGMD_m1",
+            "nnUNetTrainerGMD_amortized_smoke", "nnUNetTrainerGMD_amortized_sub_smoke", "nnUNetTrainerGMD_m1_smoke"]
