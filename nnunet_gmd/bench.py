@@ -222,11 +222,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="timed steps per method (median)")
     p.add_argument("--size", type=int, default=DEFAULTS["size"], help="cubic input size")
-FAST_METHODS = ("gmd_weighted", "gmd_amortized", "gmd_amortized_sub", "gmd_m1")  # nnunet_gmd.bench_fast
     p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default %(default)s)")
     p.add_argument("--fusion", choices=FUSION_CHOICES, default=DEFAULTS["fusion"],
                    help="DS network: fused at the logits (DSUNet) or at every skip (DSFeatureFusionUNet); "
                         "default %(default)s")
+    p.add_argument("--fast-interval", type=int, default=16,
+                   help="amortised GMD: exact weights every N steps (default %(default)s)")
+    p.add_argument("--sub-interval", type=int, default=8,
+                   help="amortised GMD with the Gram on one sample: exact weights every N steps (default %(default)s)")
     p.set_defaults(func=_cmd_bench)
 
 
