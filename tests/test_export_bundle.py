@@ -176,9 +176,10 @@ def test_verify_net_in_out_and_ckpt_export_pass_on_the_exported_bundle(exported,
 # --------------------------------------------------------------------------------------------- bad input
 def _error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"nnunet-gmd {argv[0]}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def test_export_errors_name_the_problem(nnunet_paths, trained_gmd_smoke, tmp_path, capsys):
@@ -187,8 +188,8 @@ def test_export_errors_name_the_problem(nnunet_paths, trained_gmd_smoke, tmp_pat
     err = _error(capsys, ["export-bundle", "-d", str(DATASET_ID), "-c", CONFIG, "-f", "1", "-tr", "NoSuchTrainer",
                           *out])
     assert "no trained model at" in err and "NoSuchTrainer" in err
-    err = _error(capsys, ["export-bundle", *model_args(), "-chk", "checkpoint_best.pth", *out])
-    assert str(trained_gmd_smoke / f"fold_{GMD_SMOKE_FOLD}" / "checkpoint_best.pth") in err
+    err = _error(capsys, ["export-bundle", *model_args(), "-chk", "checkpoint_nope.pth", *out])
+    assert str(trained_gmd_smoke / f"fold_{GMD_SMOKE_FOLD}" / "checkpoint_nope.pth") in err
     assert "checkpoint_final.pth" in err  # what is there instead
     err = _error(capsys, ["export-bundle", "-d", str(DATASET_ID), "-c", CONFIG, "-f", "0", "1", "2", "3", "4",
                           "-tr", GMD_SMOKE, *out])
