@@ -1,7 +1,8 @@
 """Build a Dynamic Sharing U-Net from nnU-Net plans, so training and the stock predictor make the same network.
 
-Every network built here carries a :class:`NetworkSpec` (``network.nnunet_gmd_spec``): the dotted class path and
-the JSON-able constructor arguments it was made from. ``nnunet-gmd export-bundle`` writes that spec into the
+Every network built here is registered with its :class:`NetworkSpec` (:func:`network_spec`): the dotted class path
+and the JSON-able constructor arguments it was made from (kept beside the module, not on it, so scripting,
+copying and DDP never see it). ``nnunet-gmd export-bundle`` writes that spec into the
 MONAI bundle's ``network_def``, so the bundle rebuilds exactly what the trainer built. A further DS-family class
 only needs its own ``*_from_plans`` function that goes through :func:`build_from_spec`.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pydoc
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +22,7 @@ from nnunet_gmd.networks import DSUNet
 _PASSED_THROUGH = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage_decoder", "conv_bias", "norm_op_kwargs",
                    "dropout_op_kwargs", "nonlin_kwargs")
 _CLASSES = ("conv_op", "norm_op", "dropout_op", "nonlin")
-SPEC_ATTRIBUTE = "nnunet_gmd_spec"
+_SPECS: "weakref.WeakKeyDictionary[nn.Module, NetworkSpec]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,13 @@ def _class_path(value: Any) -> Optional[str]:
 def build_from_spec(spec: NetworkSpec) -> nn.Module:
     """``spec.build()``, with the spec recorded on the network for exporters."""
     network = spec.build()
-    setattr(network, SPEC_ATTRIBUTE, spec)
+    _SPECS[network] = spec
     return network
 
 
 def network_spec(network: nn.Module) -> Optional[NetworkSpec]:
     """The spec a network of this module was built from (``None`` for networks built elsewhere)."""
-    spec = getattr(network, SPEC_ATTRIBUTE, None)
-    return spec if isinstance(spec, NetworkSpec) else None
+    return _SPECS.get(network)
 
 
 def scaled_features(features: list[int], width_factor: float) -> list[int]:
