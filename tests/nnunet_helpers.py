@@ -52,7 +52,8 @@ class Workspace:
         return {"nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
                 "nnUNet_results": str(self.results),
                 "nnUNet_extTrainer": str(ext_trainer_path()),
-                "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "2"}
+                "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}  # the caller's, when set
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)

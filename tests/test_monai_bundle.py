@@ -37,6 +37,17 @@ SHAPE = (24, 24, 24)
 TINY = ["--network_features", "[8,16,32,64]"]
 
 
+def configs(name: str, root: Path | str = BUNDLE / "configs") -> str:
+    """The config list of one workflow: the shared ``common.json``, then ``<name>.json`` (as the model zoo)."""
+    return f"['{root}/common.json','{root}/{name}.json']"
+
+
+def parsed(name: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([BUNDLE / "configs" / "common.json", BUNDLE / "configs" / f"{name}.json"])
+    return parser
+
+
 def bundle(command: str, *args: str, cwd: Path) -> str:
     """Run ``python -m monai.bundle COMMAND ARGS`` and return its log; fail with the log's tail otherwise."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -69,7 +80,7 @@ def trained(tmp_path_factory) -> Path:
     """Two epochs of GMD training (3 subsets per step) on 3 phantoms: 2 train, 1 validate."""
     root = tmp_path_factory.mktemp("monai_bundle")
     write_brats_like_cases(root / "data", 3, shape=SHAPE, seed=0)
-    log = bundle("run", "--config_file", str(BUNDLE / "configs" / "train.json"), "--bundle_root", str(BUNDLE),
+    log = bundle("run", "--config_file", configs("train"), "--bundle_root", str(BUNDLE),
                  "--dataset_dir", "data", "--output_dir", "out", "--ckpt_dir", "models", *TINY,
                  "--patch_size", "[16,16,16]", "--roi_size", str(list(SHAPE)), "--num_epochs", "2",
                  "--val_interval", "1", "--batch_size", "2", "--num_workers", "0", "--gmd_subsets_per_step", "3",
@@ -85,7 +96,7 @@ def inferred(trained) -> Path:
     case.mkdir(parents=True)
     for m in ("t1", "t1ce", "t2"):
         shutil.copy(trained / "data" / "Phantom_002" / f"Phantom_002_{m}.nii.gz", case)
-    bundle("run", "--config_file", "monai_bundle/configs/inference.json", "--bundle_root", "monai_bundle",
+    bundle("run", "--config_file", configs("inference", "monai_bundle/configs"), "--bundle_root", "monai_bundle",
            "--dataset_dir", str(trained / "infer_data"), "--output_dir", str(trained / "pred"),
            "--ckpt_path", str(trained / "models" / "model.pt"), *TINY, "--roi_size", str(list(SHAPE)), cwd=REPO)
     return trained / "pred"
@@ -100,8 +111,7 @@ def test_train_writes_model_resumable_checkpoint_and_conflict_scalars(trained):
     assert {"model", "optimizer", "trainer", "gmd_update"} <= set(state)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # ignite stores iterations
     # the best model is a plain state dict of the configured network
-    parser = ConfigParser()
-    parser.read_config(BUNDLE / "configs" / "train.json")
+    parser = parsed("train")
     parser["network_features"] = [8, 16, 32, 64]
     parser.get_parsed_content("network_def").load_state_dict(torch.load(trained / "models" / "model.pt"))
     tags = set()
@@ -114,7 +124,7 @@ def test_train_writes_model_resumable_checkpoint_and_conflict_scalars(trained):
 
 
 def test_resume_continues_from_the_checkpoint(trained):
-    log = bundle("run", "--config_file", str(BUNDLE / "configs" / "train.json"), "--bundle_root", str(BUNDLE),
+    log = bundle("run", "--config_file", configs("train"), "--bundle_root", str(BUNDLE),
                  "--dataset_dir", "data", "--output_dir", "out_resumed", "--ckpt_dir", "models_resumed", *TINY,
                  "--patch_size", "[16,16,16]", "--roi_size", str(list(SHAPE)), "--num_epochs", "3",
                  "--val_interval", "10", "--batch_size", "2", "--num_workers", "0", "--gmd_subsets_per_step", "3",
@@ -125,15 +135,16 @@ def test_resume_continues_from_the_checkpoint(trained):
     after = torch.load(trained / "models_resumed" / "checkpoint_epoch=3.pt", weights_only=False)
     assert after["trainer"]["iteration"] == before["trainer"]["iteration"] + before["trainer"]["epoch_length"]
     assert after["trainer"]["max_epochs"] == 3
-    # poly LR follows the new num_epochs: epoch 3 of 3 trains at 0.01 * (1 - 2/3)^0.9, not at 0
-    assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01 * (1 / 3) ** 0.9)
+    # poly LR follows the new num_epochs: epoch 3 of 3 trains at lr * (1 - 2/3)^0.9, not at 0
+    initial = parsed("train")["learning_rate"]
+    assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(initial * (1 / 3) ** 0.9)
     changed = [k for k in before["model"] if not torch.equal(before["model"][k], after["model"][k])]
     assert changed
 
 
 def test_verify_net_in_out_with_the_default_network():
     log = bundle("verify_net_in_out", "network_def", "--meta_file", "monai_bundle/configs/metadata.json",
-                 "--config_file", "monai_bundle/configs/inference.json", "--bundle_root", "monai_bundle", cwd=REPO)
+                 "--config_file", configs("inference", "monai_bundle/configs"), "--bundle_root", "monai_bundle", cwd=REPO)
     assert "data shape of network is verified with no error" in log
 
 
@@ -142,14 +153,13 @@ def test_ckpt_export_is_scripted_and_honours_the_mask(trained):
     target.parent.mkdir(exist_ok=True)
     bundle("ckpt_export", "network_def", "--filepath", str(target), "--ckpt_file", str(trained / "models" / "model.pt"),
            "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-           "--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE), *TINY,
+           "--config_file", configs("inference"), "--bundle_root", str(BUNDLE), *TINY,
            cwd=trained)
     extra = {"metadata.json": "", "inference.json": ""}
     model = torch.jit.load(str(target), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["available"]["num_channels"] == 4
     assert "Tensor? available=None" in str(model.forward.schema)  # scripted: the mask is a real runtime input
-    parser = ConfigParser()
-    parser.read_config(BUNDLE / "configs" / "inference.json")
+    parser = parsed("inference")
     parser["network_features"] = [8, 16, 32, 64]
     eager = parser.get_parsed_content("network_def")
     eager.load_state_dict(torch.load(trained / "models" / "model.pt"))
@@ -177,7 +187,7 @@ def test_evaluate_writes_15_subset_report_consistent_with_inference(inferred, tr
     datalist = {"testing": [{"case": "Phantom_002", **{m: str(case / f"Phantom_002_{m}.nii.gz") for m in MODALITIES},
                              "label": str(case / "Phantom_002_seg.nii.gz")}]}
     (trained / "eval_list.json").write_text(json.dumps(datalist))
-    bundle("run", "--config_file", str(BUNDLE / "configs" / "evaluate.json"), "--bundle_root", str(BUNDLE),
+    bundle("run", "--config_file", configs("evaluate"), "--bundle_root", str(BUNDLE),
            "--datalist_file", "eval_list.json", "--output_dir", "eval", "--ckpt_path", "models/model.pt", *TINY,
            "--roi_size", str(list(SHAPE)), cwd=trained)
     report = json.loads((trained / "eval" / "missing_modality_report.json").read_text())
@@ -218,7 +228,7 @@ def real_inference(trained) -> Path:
         pytest.skip(f"real BraTS data not found under {SHARED_DATA}")
     (trained / "real_list.json").write_text(json.dumps({"testing": cases}))
     # Coarser spacing keeps CPU time low; Invertd still writes the 240x240x155 input grid.
-    bundle("run", "--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE),
+    bundle("run", "--config_file", configs("inference"), "--bundle_root", str(BUNDLE),
            "--datalist_file", "real_list.json", "--output_dir", "real_pred", "--ckpt_path", "models/model.pt",
            *TINY, "--spacing", "[2.5,2.5,2.5]", "--roi_size", "[64,64,64]", cwd=trained)
     return trained / "real_pred"

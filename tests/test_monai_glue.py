@@ -303,11 +303,22 @@ def test_report_dice_values_schema_and_order(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bundle files
-def test_bundle_configs_agree_and_metadata_declares_the_contract():
+def test_bundle_configs_extend_one_common_config_and_metadata_declares_the_contract():
+    common = json.loads((BUNDLE / "configs" / "common.json").read_text())
     configs = {n: json.loads((BUNDLE / "configs" / f"{n}.json").read_text()) for n in ("inference", "train", "evaluate")}
-    for key in ("network_def", "modalities", "region_keys", "network_features"):
-        values = [c[key] for c in configs.values()]
-        assert all(v == values[0] for v in values), key
+    for key in ("network_def", "network", "modalities", "region_keys", "network_features", "spacing", "device",
+                "prepare_batch", "inferer"):
+        assert key in common, key
+        assert not any(key in c for c in configs.values()), f"{key} is redefined instead of taken from common.json"
+    for name, config in configs.items():
+        refs = json.dumps(config)
+        assert "@network" in refs and "@prepare_batch" in refs and "@inferer" in refs, name
+    # Training defaults of the nnU-Net DS trainers: nnU-Net's AdamW variant (amsgrad) at 1e-3 with the poly LR.
+    train = configs["train"]
+    assert train["optimizer"]["_target_"] == "torch.optim.AdamW" and train["optimizer"]["amsgrad"] is True
+    assert train["learning_rate"] == 1e-3 and train["optimizer"]["lr"] == "@learning_rate"
+    assert any(h["_target_"].endswith("PolyLRHandler") for h in train["train"]["handlers"])
+    configs["inference"] = {**common, **configs["inference"]}
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert configs["inference"]["modalities"] == list(MODALITIES)
     assert {"fire", "pytorch-ignite", "nibabel"} <= set(meta["required_packages_version"])
@@ -318,5 +329,7 @@ def test_bundle_configs_agree_and_metadata_declares_the_contract():
     assert configs["inference"]["region_keys"] == ["tc", "wt", "et"]
     assert "research only" in meta["intended_use"].lower()
     assert "clinical" in meta["intended_use"].lower()
+    assert meta["references"][0].startswith("Hao Wang, Shengda Luo, Guosheng Hu, Jianguo Zhang.")
+    assert "38(14):15483-15491" in meta["references"][0]
     for name in ("docs/README.md", "LICENSE"):
         assert (BUNDLE / name).is_file(), name

@@ -64,7 +64,8 @@ def scan_case_folders(dataset_dir: str | os.PathLike, modalities: Sequence[str] 
 
 
 def read_datalist(datalist_file: str | os.PathLike, key: str = "testing",
-                  base_dir: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
+                  base_dir: Optional[str | os.PathLike] = None,
+                  modalities: Sequence[str] = MODALITIES) -> list[dict[str, Any]]:
     """Entries of a model-zoo style datalist JSON: ``{"<key>": [{"case": ..., "t1": path, ...}, ...]}``.
 
     A bare JSON list is accepted too. Relative paths are resolved against ``base_dir`` (the bundle's
@@ -88,8 +89,8 @@ def read_datalist(datalist_file: str | os.PathLike, key: str = "testing",
     entries = []
     for i, item in enumerate(content):
         entry = dict(item)
-        entry.setdefault(CASE_KEY, _case_name_from_files(item, i))
-        for k in (*MODALITIES, LABEL_KEY):
+        entry.setdefault(CASE_KEY, _case_name_from_files(item, i, modalities))
+        for k in (*modalities, LABEL_KEY):
             value = entry.get(k)
             if value in (None, ""):
                 entry.pop(k, None)
@@ -110,9 +111,9 @@ def read_datalist(datalist_file: str | os.PathLike, key: str = "testing",
     return entries
 
 
-def _case_name_from_files(item: dict, index: int) -> str:
+def _case_name_from_files(item: dict, index: int, modalities: Sequence[str] = MODALITIES) -> str:
     """``<case>`` from ``<case>_<modality>.nii.gz``; otherwise the file's folder name; otherwise ``case_<i>``."""
-    for key in MODALITIES:
+    for key in modalities:
         value = item.get(key)
         if isinstance(value, str) and value:
             name = Path(value).name
@@ -135,7 +136,7 @@ def load_cases(dataset_dir: str | os.PathLike, datalist_file: Optional[str | os.
     branches off itself) and a label (``require_label``), and that case names are unique (they name outputs).
     """
     if datalist_file:
-        cases = read_datalist(datalist_file, key=key, base_dir=dataset_dir)
+        cases = read_datalist(datalist_file, key=key, base_dir=dataset_dir, modalities=modalities)
         source = f"datalist {str(datalist_file)!r}"
     else:
         cases = scan_case_folders(dataset_dir, modalities)

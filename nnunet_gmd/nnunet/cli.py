@@ -163,6 +163,20 @@ def _convert_brats(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- export-bundle
+def _export_bundle(args: argparse.Namespace) -> int:
+    from nnunet_gmd.nnunet.export_bundle import export_bundle, load_source
+    from nnunet_gmd.nnunet.predict import model_folder
+
+    folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
+    source = load_source(folder, args.folds, args.checkpoint, args.configuration)
+    out = export_bundle(source, Path(args.o), overwrite=args.overwrite)
+    print(f"wrote MONAI bundle {out} ({source.trainer}, {source.configuration}, fold {source.fold}); run it with\n"
+          f"  python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
+          f"--dataset_dir DIR --output_dir OUT")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ext-path", help="print the folder to put in nnUNet_extTrainer "
                                         "(export nnUNet_extTrainer=$(nnunet-gmd ext-path))")
@@ -197,6 +211,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                            "at BraTS size)")
     _add_model_args(p)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "export-bundle", help="trained DS-family model -> MONAI bundle (configs, weights, docs, licence)",
+        description="Write a complete MONAI bundle for one fold of a Dynamic Sharing model trained by nnU-Net: "
+                    "configs/inference.json (the trainer's network, nnU-Net's preprocessing, sliding window and "
+                    "export from the plans), configs/metadata.json, models/model.pt, docs/README.md, LICENSE. "
+                    "One fold per bundle; ensembles are refused.")
+    p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
+    p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
+    p.add_argument("-f", dest="folds", nargs="+", type=_fold, required=True,
+                   help="the fold to export (one; 'all' for a model trained on every case)")
+    p.add_argument("-tr", dest="trainer", default=DEFAULT_TRAINER, help=f"trainer (default {DEFAULT_TRAINER})")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file name (default checkpoint_final.pth)")
+    p.add_argument("-o", required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty bundle folder")
+    p.set_defaults(func=_export_bundle)
 
     p = sub.add_parser("compare", help="compare missing-modality reports side by side",
                        description="Print a subsets x methods Dice table and plot the reports' heatmaps side "
