@@ -41,7 +41,15 @@ def test_methods_are_validated():
         parse_methods(["gdm"])
     with pytest.raises(UserError, match="twice"):
         parse_methods(["gmd", "gmd"])
-    assert set(METHODS) == {"stock", "dropout", "ds", "gmd", "gmd_k5"}
+    assert set(METHODS) == {"stock", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
+                            "gmd_amortized_sub", "gmd_m1"}
+    from nnunet_gmd.nnunet import baselines, trainers
+
+    from nnunet_gmd.demo.cli import METHOD_KEYS
+
+    assert METHOD_KEYS == tuple(METHODS)
+    for method in METHODS.values():  # every method names a trainer class that our nnUNet_extTrainer shim exports
+        assert method.trainer in baselines.__all__ + trainers.__all__, method
 
 
 def _plans(n_stages: int = 5) -> dict:

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from nnunet_gmd.demo.presets import PRESETS
 
+# The keys of nnunet_gmd.demo.pipeline.METHODS, spelled out so that --help needs no heavy import (a test checks).
+METHOD_KEYS = ("stock", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
+               "gmd_amortized_sub", "gmd_m1")
+
 DEMO_METHODS = ("stock", "gmd")
 BENCHMARK_METHODS = ("stock", "dropout", "ds", "gmd", "gmd_k5")
 
@@ -36,7 +40,7 @@ def _add_common(p: argparse.ArgumentParser, default_out: str, default_methods: t
                                                         "(default: reuse finished steps)")
     p.add_argument("--methods", nargs="+", default=list(default_methods),
                    help=f"methods to train and compare (default: {' '.join(default_methods)}; available: "
-                        "stock dropout ds gmd gmd_k5 ds_ff gmd_ff gmd_k5_ff)")
+                        f"{' '.join(METHOD_KEYS)})")
     p.add_argument("--epochs", type=_positive, default=None, help="override the preset's epochs per method")
     p.add_argument("--iterations", type=_positive, default=None,
                    help="override the preset's training iterations per epoch")
