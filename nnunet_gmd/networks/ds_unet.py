@@ -14,7 +14,7 @@ per-modality row counts through ``forward`` instead keeps the module stateless, 
 (the mask stays a runtime input of the exported model) and safe under DDP. Layer layout, padding, He
 initialisation and deep-supervision outputs follow ``PlainConvUNet``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -233,9 +233,8 @@ class DSNetworkBase(nn.Module):
         self._default_available = None
 
     def _mask(self, x: Tensor, available: Optional[Tensor]) -> Tensor:
+        self._check_channels(x)
         b, m = x.shape[0], x.shape[1]
-        if m != self.num_modalities:
-            raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {m}")
         if available is None:
             available = self._default_available
         if available is None:
@@ -272,6 +271,13 @@ class DSNetworkBase(nn.Module):
     def _check_channels(self, x: Tensor) -> None:
         if x.shape[1] != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} modality channels in dim 1, got {x.shape[1]}")
+
+    @torch.jit.unused
+    def _each_branch(self, x: Tensor, run: Callable[[Tensor, List[int]], List[Tensor]]) -> List[List[Tensor]]:
+        """``run`` on each modality's single-channel rows alone, each call its own autograd graph (for GMD)."""
+        self._check_channels(x)
+        b, m = x.shape[0], x.shape[1]
+        return [run(x[:, i:i + 1], [b if j == i else 0 for j in range(m)]) for i in range(m)]
 
     @torch.jit.unused
     def uses_deep_supervision(self) -> bool:
@@ -340,14 +346,7 @@ class DSUNet(DSNetworkBase):
         Used by GMD's structured path: a subset's VJP then runs through that subset's branches only, instead
         of through every branch with zero cotangents. The convolutions see batch B instead of M*B here.
         """
-        self._check_channels(x)
-        b, m = x.shape[0], x.shape[1]
-        outputs = []
-        for i in range(m):
-            counts = [0] * m
-            counts[i] = b
-            outputs.append(self._run(x[:, i:i + 1], counts))
-        return outputs
+        return self._each_branch(x, self._run)
 
 
 def _init_he(module: nn.Module, neg_slope: float = 1e-2) -> None:

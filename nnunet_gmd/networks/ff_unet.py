@@ -74,14 +74,7 @@ class DSFeatureFusionUNet(DSNetworkBase):
     @torch.jit.unused
     def forward_branch_graphs(self, x: Tensor) -> List[List[Tensor]]:
         """Each branch's encoder features as its own graph: ``out[m][stage]`` of shape ``(B, C_stage, ...)``."""
-        self._check_channels(x)
-        b, m = x.shape[0], x.shape[1]
-        outputs = []
-        for i in range(m):
-            counts = [0] * m
-            counts[i] = b
-            outputs.append(self.encoder(x[:, i:i + 1], counts))
-        return outputs
+        return self._each_branch(x, self.encoder)
 
     @torch.jit.unused
     def decode_subset(self, branch_features: List[List[Tensor]], subset: Sequence[int]) -> List[Tensor]:
