@@ -28,13 +28,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.bench_cli import DEFAULTS, FUSION_CHOICES  # noqa: F401  (re-exported for scripts)
 
 METHODS = ("plain", "reference", "gmd", "gmd_k5", "floor")
 FAST_METHODS = ("gmd_weighted", "gmd_amortized", "gmd_amortized_sub", "gmd_m1")  # nnunet_gmd.bench_fast
-DEFAULTS = dict(modalities=4, features=[16, 32, 64, 96, 128], size=32, batch=2, steps=5, warmup=1, seed=0,
-                fusion="logits")
-FUSION_CHOICES = ("logits", "features")
 
 
 def build(cfg: dict):
@@ -198,39 +195,6 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
 
     result.update(bench_fast.summary(result, _subprocess(["--worker", "fast_accuracy", "--cfg", blob])))
     return result
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    for name in ("steps", "size", "batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"bench gmd: --{name} must be a positive integer, got {getattr(args, name)}")
-    cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion,
-               fast_interval=args.fast_interval, sub_interval=args.sub_interval)
-    result = run_benchmark(cfg, progress=not args.json)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(json.dumps(result, indent=2))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="performance figures")
-    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND")
-    kinds.required = True
-    p = kinds.add_parser("gmd", help="time and memory of one GMD step against plain, reference and floor")
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="timed steps per method (median)")
-    p.add_argument("--size", type=int, default=DEFAULTS["size"], help="cubic input size")
-    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default %(default)s)")
-    p.add_argument("--fusion", choices=FUSION_CHOICES, default=DEFAULTS["fusion"],
-                   help="DS network: fused at the logits (DSUNet) or at every skip (DSFeatureFusionUNet); "
-                        "default %(default)s")
-    p.add_argument("--fast-interval", type=int, default=16,
-                   help="amortised GMD: exact weights every N steps (default %(default)s)")
-    p.add_argument("--sub-interval", type=int, default=8,
-                   help="amortised GMD with the Gram on one sample: exact weights every N steps (default %(default)s)")
-    p.set_defaults(func=_cmd_bench)
 
 
 def _worker_main(argv: list[str]) -> None:

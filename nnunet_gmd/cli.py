@@ -1,7 +1,8 @@
 """``nnunet-gmd``: one entry point whose sub-commands live next to the code they drive.
 
 Each feature module exposes ``register(subparsers)``, adding its sub-commands with ``set_defaults(func=...)``.
-Expected user errors (bad input files, unknown modality names, ...) are raised as :class:`UserError` and
+Expected user errors (bad input files, unknown modality names, ...) are raised as
+:class:`nnunet_gmd.errors.UserError` and
 printed as one clear line, without a traceback.
 """
 from __future__ import annotations
@@ -11,18 +12,16 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from nnunet_gmd.errors import UserError
+
 # Modules that contribute sub-commands. A module that cannot be imported (an optional integration whose
 # dependency is absent) is reported only when one of its commands is asked for.
 COMMAND_MODULES = (
-    "nnunet_gmd.bench",
+    "nnunet_gmd.bench_cli",
     "nnunet_gmd.nnunet.cli",
     "nnunet_gmd.sentiment.cli",
     "nnunet_gmd.demo.cli",
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback."""
 
 
 DESCRIPTION = ("One segmentation model for any subset of MRI sequences, for nnU-Net v2 and MONAI: Dynamic Sharing "

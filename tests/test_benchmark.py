@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.benchmark import run_benchmark
 from nnunet_gmd.demo.phantoms import write_brats_like_cases
 from nnunet_gmd.demo.pipeline import parse_methods

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.pipeline import METHODS, parse_methods
 from nnunet_gmd.demo.planning import add_narrow_configuration, narrow_features
 from nnunet_gmd.demo.presets import PRESETS, Budget

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_gmd.cli import UserError, main
+from nnunet_gmd.cli import main
+from nnunet_gmd.errors import UserError
 from nnunet_helpers import (CONFIG, DATASET_ID, DS_TRAINER, STOCK_TRAINER, assert_same_prediction,  # noqa: F401
                             ds_model, make_input_folder, nnunet_paths, stock_model, tiny_nnunet)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_gmd.cli import UserError, main
+from nnunet_gmd.cli import main
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.paired import Bootstrap, PairedDifferences, bootstrap_interval, load_methods, seeds_of
 from nnunet_gmd.demo.per_case import case_scores
 from nnunet_gmd.demo.workspace import reports_root

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.pipeline import Method, total_steps, train_and_evaluate_all, write_results
 from nnunet_gmd.demo.planning import plan_and_preprocess, write_split
 from nnunet_gmd.demo.presets import Preset

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.phantoms import write_brats_like_cases
 from nnunet_gmd.demo.pipeline import Method, total_steps, train_and_evaluate_all, write_results
 from nnunet_gmd.demo.planning import plan_and_preprocess, write_split

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nnunet_gmd.cli import UserError  # noqa: E402
+from nnunet_gmd.errors import UserError  # noqa: E402
 from nnunet_gmd.demo.per_case import CaseScores, case_scores  # noqa: E402
 from nnunet_gmd.demo.results import SHORT_REGION  # noqa: E402
 from nnunet_gmd.demo.workspace import reports_root, write_json_atomic  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet.report import REPORT_JSON, load_report, regions_of, subset_label
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.paired import write_paired_differences
 from nnunet_gmd.demo.planning import plans_summary
 from nnunet_gmd.demo.presets import Preset

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.tools import run_tool, tool
 from nnunet_gmd.demo.workspace import Workspace, write_json_atomic

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 
 _EPOCH = re.compile(r"\bEpoch (\d+)\s*$")
 _PSEUDO_DICE = re.compile(r"Pseudo dice \[(.*)\]")
@@ -30,12 +30,8 @@ def tool(name: str) -> str:
 
 
 def nnunet_gmd_command(*args: str) -> list[str]:
-    """``nnunet-gmd ARGS`` through the current interpreter.
-
-    Not ``python -m nnunet_gmd.cli``: that runs cli.py as ``__main__``, a second copy of the module whose
-    ``UserError`` is not the one the commands raise, so errors would end in a traceback.
-    """
-    return [sys.executable, "-c", "import sys; from nnunet_gmd.cli import main; sys.exit(main())", *args]
+    """``nnunet-gmd ARGS`` through the current interpreter, so no PATH set-up is needed."""
+    return [sys.executable, "-m", "nnunet_gmd", *args]
 
 
 def _short(line: str, width: int = 60) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.monai.brats import MODALITIES
 from nnunet_gmd.subsets import all_subsets, subset_name
 

@@ -33,7 +33,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import nn
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.monai.data import CASE_KEY
 
 PROPERTIES_KEY = "nnunet_properties"

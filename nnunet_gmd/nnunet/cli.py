@@ -80,7 +80,7 @@ def _device(args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------------------- predict
 def _predict(args: argparse.Namespace) -> int:
-    from nnunet_gmd.cli import UserError
+    from nnunet_gmd.errors import UserError
     from nnunet_gmd.nnunet.predict import (channel_names, ds_network, find_cases, load_predictor, model_folder,
                                            predict_cases)
     from nnunet_gmd.subsets import parse_subset, subset_name
@@ -131,7 +131,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- compare
 def _compare(args: argparse.Namespace) -> int:
-    from nnunet_gmd.cli import UserError
+    from nnunet_gmd.errors import UserError
     from nnunet_gmd.nnunet.files import write_text_atomic
     from nnunet_gmd.nnunet.report import (check_comparable, compare_table, comparison_labels, load_report,
                                           plot_comparison, regions_of)

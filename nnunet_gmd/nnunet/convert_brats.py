@@ -25,7 +25,7 @@ from nnunetv2.dataset_conversion.Dataset137_BraTS21 import convert_labels_back_t
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from tqdm import tqdm
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet.files import nifti_problem
 
 #: nnU-Net channel index -> channel name, in the order of nnU-Net's Dataset137.

@@ -27,7 +27,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet.files import write_json_atomic
 from nnunet_gmd.nnunet.predict import (CaseFiles, channel_names, ds_network, predict_case_subsets,
                                       record_availability)

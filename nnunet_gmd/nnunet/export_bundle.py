@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet.files import write_text_atomic
 from nnunet_gmd.nnunet.network import NetworkSpec, network_spec
 

@@ -33,7 +33,7 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from torch import nn
 from tqdm import tqdm
 
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.networks import DSNetworkBase
 from nnunet_gmd.nnunet import ext_trainer_path
 from nnunet_gmd.nnunet.files import nifti_problem, write_json_atomic

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nnunet_gmd.cli import UserError  # noqa: E402
+from nnunet_gmd.errors import UserError  # noqa: E402
 from nnunet_gmd.nnunet.files import atomic_write, write_json_atomic, write_text_atomic  # noqa: E402
 
 REPORT_JSON = "missing_modality_report.json"

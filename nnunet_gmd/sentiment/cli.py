@@ -5,11 +5,9 @@ import argparse
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
-
-from nnunet_gmd.cli import UserError
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.sentiment import MODALITIES
 from nnunet_gmd.sentiment.data import SPLITS, SentimentData, SentimentDataError, dataset_mismatch_hint, \
     load_sentiment_file
@@ -17,6 +15,9 @@ from nnunet_gmd.sentiment.synthetic import FORMATS
 from nnunet_gmd.sentiment.tables import (DEFAULT_VALID_FRACTION, UtteranceTable, default_valid_videos,
                                          is_table_folder, load_table_folder, pick_valid_videos, split_by_videos,
                                          whole_folder)
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextmanager
@@ -31,6 +32,8 @@ def _user_errors() -> Iterator[None]:
 
 
 def _device(name: str) -> torch.device:
+    import torch   # here, not at the top: building the parser (``nnunet-gmd --help``) must not import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
