@@ -118,11 +118,24 @@ class _FlatLayout:
             p.grad = merged[a:b].view_as(p) if hit else None
 
 
-def _all_reduce_mean_(flat: Tensor) -> None:
+def all_reduce_mean_(flat: Tensor) -> None:
     """Average the merged gradient over DDP ranks in a single collective."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
+
+
+def backward_all_reduced(loss: Tensor, params: Sequence[Tensor]) -> None:
+    """``loss.backward()`` for a forward that bypassed DDP's wrapper: gradients averaged over ranks in one call.
+
+    Parameters the loss does not reach get ``None``, as after a plain backward (in every rank alike).
+    """
+    layout = _FlatLayout(params)
+    grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
+    flat = torch.empty(layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device)
+    reached = layout.flatten_into(flat, grads)
+    all_reduce_mean_(flat)
+    layout.write_grads(flat, reached)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -161,7 +174,7 @@ def _finish(flat: Tensor, layout: _FlatLayout, reached: list[list[bool]], reduct
     merged, weights = _merge(flat, gram, shared, reduction, generator)
     del flat
     if sync_distributed:
-        _all_reduce_mean_(merged)
+        all_reduce_mean_(merged)
     layout.write_grads(merged, [any(col) for col in zip(*reached)])
     cosine, conflicts, norms = gram_statistics(gram)
     return GMDStats(cosine, conflicts, norms, weights, losses, subsets)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from nnunet_gmd.gmd import (GMDStats, SubsetLoss, _all_reduce_mean_, _check_reduction, _FlatLayout,
+from nnunet_gmd.gmd import (GMDStats, SubsetLoss, all_reduce_mean_, _check_reduction, _FlatLayout,
                             ds_gmd_backward, ds_subset_losses)
 from nnunet_gmd.subsets import Subset
 
@@ -63,7 +63,7 @@ def weighted_ds_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset
     if reduction == "mean":
         flat = torch.where(layout.element_mask(shared, flat.device), flat / len(subsets), flat)
     if sync_distributed:
-        _all_reduce_mean_(flat)
+        all_reduce_mean_(flat)
     layout.write_grads(flat, reached)
     return torch.stack([loss.detach().float() for loss in losses]).cpu()
 

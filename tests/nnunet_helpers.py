@@ -1,6 +1,6 @@
 """Shared set-up for the nnU-Net tests: a tiny planned BraTS-like dataset and model folders built on it.
 
-``tiny_nnunet`` (a session fixture; import it into a test module) builds, once per test session, five 32^3
+``tiny_nnunet`` (a session fixture in ``conftest.py``) builds, once per test session, five 32^3
 phantom cases converted with ``nnunet-gmd convert-brats``'s code and planned + preprocessed by the real
 ``nnUNetv2_plan_and_preprocess``. nnU-Net reads its folders from environment variables, so subprocesses get
 them through :meth:`Workspace.env` and in-process calls through the ``nnunet_paths`` fixture.
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pytest
 
 VENV_BIN = Path(sys.executable).parent
 DATASET_ID = 987
@@ -91,38 +90,10 @@ def build_workspace(root: Path, n_cases: int = 5) -> Workspace:
     return ws
 
 
-_WORKSPACE: dict[str, Workspace] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_nnunet(tmp_path_factory) -> Workspace:
-    """The session's planned tiny dataset (built once even when several test modules import this fixture)."""
-    if "ws" not in _WORKSPACE:
-        _WORKSPACE["ws"] = build_workspace(tmp_path_factory.mktemp("nnunet"))
-    return _WORKSPACE["ws"]
-
-
-@pytest.fixture
-def nnunet_paths(tiny_nnunet, monkeypatch) -> Workspace:
-    """``tiny_nnunet`` with its nnU-Net environment variables set in this process (undone after the test)."""
-    for key, value in tiny_nnunet.env_vars().items():
-        monkeypatch.setenv(key, value)
-    return tiny_nnunet
 
 
 GMD_SMOKE = "nnUNetTrainerGMD_smoke"
 GMD_SMOKE_FOLD = 1  # fold 0 of this trainer belongs to test_nnunet_trainers.py's resume test
-
-
-@pytest.fixture(scope="session")
-def trained_gmd_smoke(tiny_nnunet) -> Path:
-    """``nnUNetv2_train ... -tr nnUNetTrainerGMD_smoke -device cpu`` on fold 1, run once per session."""
-    folder = tiny_nnunet.model_folder(GMD_SMOKE)
-    if "gmd" not in _WORKSPACE:
-        run_tool(["nnUNetv2_train", str(DATASET_ID), CONFIG, str(GMD_SMOKE_FOLD), "-tr", GMD_SMOKE, "-device", "cpu"],
-                 tiny_nnunet.env(NNUNET_GMD_FINAL_VALIDATION="0"), timeout=900)
-        _WORKSPACE["gmd"] = tiny_nnunet
-    return folder
 
 
 def write_split(ws: Workspace, n_splits: int = 5) -> list[dict]:
@@ -174,18 +145,6 @@ def write_untrained_model(ws: Workspace, trainer_name: str, folds: Sequence[int]
                     "inference_allowed_mirroring_axes": (0, 1, 2), "current_epoch": 0},
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
-
-
-@pytest.fixture
-def ds_model(nnunet_paths) -> Path:
-    """Untrained nnUNetTrainerDS model folder (fold 0) on the tiny dataset."""
-    return write_untrained_model(nnunet_paths, DS_TRAINER)
-
-
-@pytest.fixture
-def stock_model(nnunet_paths) -> Path:
-    """Untrained stock nnUNetTrainer model folder (fold 0) on the tiny dataset."""
-    return write_untrained_model(nnunet_paths, STOCK_TRAINER)
 
 
 def assert_same_prediction(ours: Path, ref: Path, case: str, tol: float = 2e-3) -> None:

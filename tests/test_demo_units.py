@@ -16,7 +16,7 @@ from nnunet_gmd.demo.presets import PRESETS, Budget
 from nnunet_gmd.demo.results import Results
 from nnunet_gmd.demo.tools import run_tool
 from nnunet_gmd.demo.workspace import Workspace
-from nnunet_gmd.nnunet.baselines import budget_from_env
+from nnunet_gmd.nnunet.trainer_base import budget_from_env
 from nnunet_gmd.subsets import all_subsets
 
 CHANNELS = ["t1", "t1ce", "t2", "flair"]

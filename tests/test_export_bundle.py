@@ -6,8 +6,6 @@ on a real BraTS 2018 case from ../shared/data (skipped when absent), and the exp
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_gmd.cli import main
-from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, SHARED_DATA,  # noqa: F401
-                            STOCK_TRAINER, make_input_folder, nnunet_paths, run_tool, tiny_nnunet,
-                            trained_gmd_smoke, write_untrained_model)
+from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, SHARED_DATA, STOCK_TRAINER,
+                            make_input_folder, run_tool, write_untrained_model)
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
-from nnunet_gmd.nnunet.baselines import (BUDGET_ENV_VARS, budget_from_env, drop_random_modalities,
-                                         final_validation_enabled, nnUNetTrainerModalityDropout,
+from nnunet_gmd.nnunet.baselines import (drop_random_modalities, nnUNetTrainerModalityDropout,
                                          nnUNetTrainerModalityDropout_smoke)
+from nnunet_gmd.nnunet.trainer_base import BUDGET_ENV_VARS, budget_from_env, final_validation_enabled
 from nnunet_gmd.subsets import all_subsets
 
 
@@ -64,7 +64,7 @@ def test_trainers_are_nnunet_trainers_with_full_init_signature():
 
 
 def test_initial_learning_rate_override_is_validated():
-    from nnunet_gmd.nnunet.baselines import initial_lr_from_env
+    from nnunet_gmd.nnunet.trainer_base import initial_lr_from_env
 
     assert initial_lr_from_env({}) is None and initial_lr_from_env({"NNUNET_GMD_INITIAL_LR": " "}) is None
     assert initial_lr_from_env({"NNUNET_GMD_INITIAL_LR": "3e-3"}) == pytest.approx(3e-3)
@@ -74,7 +74,7 @@ def test_initial_learning_rate_override_is_validated():
 
 
 def test_num_threads_variable_is_validated():
-    from nnunet_gmd.nnunet.baselines import num_threads_from_env
+    from nnunet_gmd.nnunet.trainer_base import num_threads_from_env
 
     assert num_threads_from_env({}) is None and num_threads_from_env({"NNUNET_GMD_NUM_THREADS": ""}) is None
     assert num_threads_from_env({"NNUNET_GMD_NUM_THREADS": "3"}) == 3

@@ -10,8 +10,7 @@ import SimpleITK as sitk
 
 from nnunet_gmd.cli import main
 from nnunet_gmd.nnunet.convert_brats import nnunet_to_brats_labels
-from nnunet_helpers import (CONFIG, DATASET_ID, DS_TRAINER, SHARED_DATA, ds_model, nnunet_paths,  # noqa: F401
-                            tiny_nnunet)
+from nnunet_helpers import CONFIG, DATASET_ID, DS_TRAINER, SHARED_DATA
 
 BRATS2018 = SHARED_DATA / "brats2018"
 CASE = "Brats18_TCIA10_639_1"

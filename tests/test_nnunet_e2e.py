@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD,  # noqa: F401
-                            assert_same_prediction, make_input_folder, run_tool, tiny_nnunet, trained_gmd_smoke)
+from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, assert_same_prediction,
+                            make_input_folder, run_tool)
 
 
 @pytest.mark.slow

@@ -16,8 +16,7 @@ from scipy.ndimage import binary_erosion
 from scipy.spatial import cKDTree
 
 from nnunet_gmd.cli import main
-from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, DS_TRAINER, STOCK_TRAINER, ds_model,  # noqa: F401
-                            nnunet_paths, stock_model, tiny_nnunet, write_split)
+from nnunet_helpers import CONFIG, DATASET_ID, DATASET_NAME, DS_TRAINER, STOCK_TRAINER, write_split
 
 CHANNELS = ["t1", "t1ce", "t2", "flair"]
 REGIONS = {"whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}

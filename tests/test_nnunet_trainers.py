@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_helpers import (CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, nnunet_paths,  # noqa: F401
-                            run_tool, tiny_nnunet, trained_gmd_smoke)
+from nnunet_helpers import CONFIG, DATASET_ID, DATASET_NAME, GMD_SMOKE, GMD_SMOKE_FOLD, run_tool
 
 from nnunet_gmd.networks import DSFeatureFusionUNet, DSUNet
 from nnunet_gmd.subsets import all_subsets, subset_mask

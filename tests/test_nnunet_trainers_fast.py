@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_helpers import CONFIG, DATASET_ID, nnunet_paths, run_tool, tiny_nnunet  # noqa: F401
+from nnunet_helpers import CONFIG, DATASET_ID, run_tool
 from test_nnunet_trainers import make_trainer, random_batch
 
 from nnunet_gmd.subsets import all_subsets, subset_mask

@@ -218,7 +218,7 @@ def test_seeds_train_into_their_own_folders_and_reuse_a_single_seed_run(tmp_path
 def test_seed_variable_is_validated_and_offsets_our_generators():
     import torch
 
-    from nnunet_gmd.nnunet.baselines import derived_seed, seed_everything_from_env, seed_from_env
+    from nnunet_gmd.nnunet.trainer_base import derived_seed, seed_everything_from_env, seed_from_env
 
     assert seed_from_env({}) is None and derived_seed(1234, {}) == 1234 == derived_seed(1234, {"NNUNET_GMD_SEED": "0"})
     assert derived_seed(1234, {"NNUNET_GMD_SEED": "2"}) == 3234

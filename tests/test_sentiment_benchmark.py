@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from nnunet_gmd.cli import main
-from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
 from test_sentiment_tables import make_tables
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUBSETS = ["L", "A", "V", "LA", "LV", "AV", "LAV"]

@@ -10,7 +10,8 @@ from nnunet_gmd.gmd import gmd_backward
 from nnunet_gmd.sentiment.evaluate import SUBSETS
 from nnunet_gmd.sentiment.model import DSSentimentModel, EarlyFusionMLP, ModelConfig, SequenceBatch, build_model
 from nnunet_gmd.subsets import subset_mask
-from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(backbone: str = "transformer") -> DSSentimentModel:

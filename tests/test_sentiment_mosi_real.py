@@ -13,7 +13,8 @@ from nnunet_gmd.sentiment.benchmark import fit
 from nnunet_gmd.sentiment.evaluate import evaluate_subsets
 from nnunet_gmd.sentiment.tables import load_table_folder, pick_valid_videos, split_by_videos
 from nnunet_gmd.sentiment.train import TrainConfig
-from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 MOSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi_bclstm"
 

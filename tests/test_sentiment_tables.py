@@ -19,7 +19,8 @@ from nnunet_gmd.sentiment.tables import (is_table_folder, load_table_folder, pic
                                          video_folds)
 from nnunet_gmd.sentiment.train import Trainer, TrainConfig, make_model
 from nnunet_gmd.subsets import subset_mask
-from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 DIMS = {"text": 4, "audio": 3, "vision": 2}
 TINY = ["--hidden", "16", "--layers", "1", "--device", "cpu", "--batch-size", "8"]

@@ -15,7 +15,8 @@ from nnunet_gmd.sentiment.evaluate import evaluate_subsets
 from nnunet_gmd.sentiment.metrics import METRIC_NAMES
 from nnunet_gmd.sentiment.synthetic import write_synthetic
 from nnunet_gmd.sentiment.train import TrainConfig, TrainingError, train
-from sentiment_fixtures import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 SUBSET_NAMES = ["L", "A", "V", "LA", "LV", "AV", "LAV"]
 TINY_MODEL = ["--hidden", "16", "--layers", "1", "--heads", "2", "--device", "cpu"]

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from nnunet_gmd.atomic import write_json
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.paired import write_paired_differences
 from nnunet_gmd.demo.planning import plans_summary
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.results import Results
 from nnunet_gmd.demo.tools import nnunet_gmd_command, run_tool, tool
-from nnunet_gmd.demo.workspace import Workspace, reports_root, results_root, seed_suffix, write_json_atomic
-from nnunet_gmd.nnunet.baselines import SEED_ENV
+from nnunet_gmd.demo.workspace import Workspace, reports_root, results_root, seed_suffix
+from nnunet_gmd.nnunet.trainer_base import SEED_ENV
 from nnunet_gmd.nnunet.report import REPORT_JSON
 
 
@@ -179,7 +180,7 @@ def write_results(ws: Workspace, methods: Sequence[Method], preset: Preset, data
         paths.update({f"paired_{ext}": path for ext, path in paired.items()})
         print(paired["md"].read_text())
     this_run = time.monotonic() - started
-    write_json_atomic(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
+    write_json(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
                                                   "step_seconds": seconds})
     print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: {stem}.md/.csv/.json/.png, "
           f"paired_differences.md/.csv/.json/.png, missing_modality_comparison.md/.png, reports/<method>/ "

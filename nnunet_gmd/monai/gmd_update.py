@@ -14,6 +14,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from nnunet_gmd.gmd import ds_gmd_backward, ds_subset_losses
+from nnunet_gmd.networks import unwrap
 from nnunet_gmd.subsets import SubsetSampler
 
 METHODS = ("gmd", "mean")
@@ -55,7 +56,7 @@ class GMDIterationUpdate:
             raise ValueError("GMDIterationUpdate needs batch data for the iteration")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
-        network = getattr(engine.network, "module", engine.network)  # GMD needs the DS network itself, not DDP
+        network = unwrap(engine.network)  # GMD needs the DS network itself, not DDP or a compiled wrapper
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)

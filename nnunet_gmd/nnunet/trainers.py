@@ -13,6 +13,7 @@ that subset's branch logits. Validation and the final validation use all modalit
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Optional
@@ -24,12 +25,11 @@ from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
-from nnunet_gmd.gmd import GMDStats, ds_gmd_backward, ds_subset_losses
+from nnunet_gmd.gmd import GMDStats, backward_all_reduced, ds_gmd_backward, ds_subset_losses
 from nnunet_gmd.gmd_fast import AmortizedGMD, unimodal_and_full
-from nnunet_gmd.networks import DSNetworkBase
-from nnunet_gmd.nnunet.baselines import OptionalFinalValidation, apply_budget_from_env, derived_seed
+from nnunet_gmd.networks import DSNetworkBase, unwrap
+from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
@@ -38,28 +38,26 @@ CONFLICTS_KEY = "gmd_conflicting_pairs"
 GRAD_NORMS_KEY = "gmd_modality_grad_norms"
 
 
-class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
+class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     """Dynamic Sharing network trained on the mean of the per-subset losses (no gradient decoupling).
 
     The optimiser is nnU-Net's own AdamW variant (``nnUNetTrainerAdam``) at 1e-3 with the poly schedule: with the
     stock SGD (lr 1e-2, momentum 0.99) the late-fusion DS network stayed at the all-background solution on a
     fixed phantom batch for 150 steps (Dice 0/0/0), while Adam at 1e-3 reached 0.95/0.55/0.30 (WT/TC/ET).
     ``NNUNET_GMD_FINAL_VALIDATION=0`` skips nnU-Net's final validation (tests, benchmarks that evaluate anyway).
+    A step with a non-finite loss or merged gradient is skipped and counted; ``max_nonfinite_steps`` in a row stop
+    training with an error naming the batch's cases (:class:`~nnunet_gmd.nnunet.trainer_base.PackageTrainer`).
     """
 
     width_factor: float = 0.5  # four half-width branches cost about one stock network
     fusion: str = LOGIT_FUSION  # "logits" (DSUNet) or a feature-fusion operator ("mean", "mean_var")
     subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
     include_full_set: bool = False  # always put the full set in a sampled draw
-    budget: dict = {}  # trainer attributes (num_epochs, ...) set before the NNUNET_GMD_* environment overrides
+    default_initial_lr = 1e-3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3
-        for attribute, value in self.budget.items():
-            setattr(self, attribute, value)
-        apply_budget_from_env(self)
         self.subset_sampler: Optional[SubsetSampler] = None
         self.modality_names = [str(n) for _, n in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
 
@@ -91,8 +89,7 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
         return False
 
     def _ds_network(self) -> DSNetworkBase:
-        net = self.network.module if self.is_ddp else self.network
-        return net._orig_mod if isinstance(net, OptimizedModule) else net
+        return unwrap(self.network)
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict:
@@ -101,36 +98,6 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
     def _load_extra_state(self, state: dict) -> None:
         if state.get("subset_sampler") and self.subset_sampler is not None:
             self.subset_sampler.load_state_dict(state["subset_sampler"])
-
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus the subset-sampling state, written atomically (temp file, then rename)."""
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = {
-            "network_weights": self._ds_network().state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "nnunet_gmd_state": self._extra_state(),
-        }
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        if isinstance(filename_or_checkpoint, str):
-            extra = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False).get("nnunet_gmd_state")
-            if extra:
-                self._load_extra_state(extra)
 
     # ------------------------------------------------------------------ training step
     def _batch_to_device(self, batch: dict):
@@ -145,17 +112,35 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
-    def _optimizer_step(self) -> None:
-        """Clip at 12 after the merge, through the GradScaler on CUDA."""
-        params = self.network.parameters()
+    def _optimizer_step(self, loss: float, batch: dict) -> bool:
+        """Clip at 12 after the merge and step, through the GradScaler on CUDA; a non-finite step is skipped.
+
+        ``loss`` is the step's unscaled loss. Returns whether the optimiser stepped. On CUDA the GradScaler skips
+        steps with inf/NaN gradients itself (routine fp16 overflow), so only a non-finite loss counts there.
+        """
+        params = list(self.network.parameters())
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 12)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, 12))
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
+            taken = math.isfinite(loss)
         else:
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.optimizer.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(params, 12))
+            taken = math.isfinite(loss) and math.isfinite(norm)
+            if taken:
+                self.optimizer.step()
+        self._record_step(taken, batch, loss, norm)
+        return taken
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's epoch log, over the steps that were taken (a skipped step's loss is NaN)."""
+        taken = [o for o in train_outputs if not o.get("skipped")]
+        skipped = len(train_outputs) - len(taken)
+        if skipped:
+            self.print_to_log_file(f"{skipped} of {len(train_outputs)} steps of this epoch skipped (non-finite "
+                                   f"loss or gradient)", also_print_to_console=True)
+        super().on_train_epoch_end([{"loss": np.asarray(o["loss"])} for o in taken] or [{"loss": np.nan}])
 
     def train_step(self, batch: dict) -> dict:
         data, target = self._batch_to_device(batch)
@@ -166,22 +151,12 @@ class nnUNetTrainerDS(OptionalFinalValidation, nnUNetTrainerAdam):
             loss = torch.stack(losses).mean()
         scaled = self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss
         if self.is_ddp:  # the forward bypassed DDP's wrapper, so average the gradient ourselves, once
-            _backward_and_all_reduce(scaled, list(net.parameters()))
+            backward_all_reduced(scaled, list(net.parameters()))
         else:
             scaled.backward()
-        self._optimizer_step()
-        return {"loss": loss.detach().cpu().numpy()}
-
-
-def _backward_and_all_reduce(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
+        value = float(loss.detach())
+        taken = self._optimizer_step(value, batch)
+        return {"loss": np.asarray(value), "skipped": not taken}
 
 
 class nnUNetTrainerGMD(nnUNetTrainerDS):
@@ -210,8 +185,9 @@ class nnUNetTrainerGMD(nnUNetTrainerDS):
             stats = ds_gmd_backward(self._ds_network(), data, self.subset_sampler.sample(), subset_loss,
                                     reduction=self.gmd_reduction, generator=self.gmd_generator)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        self._optimizer_step()
-        return {"loss": float(stats.losses.mean()) / scale, "conflicts": stats.num_conflicts,
+        loss = float(stats.losses.mean()) / scale
+        taken = self._optimizer_step(loss, batch)
+        return {"loss": loss, "conflicts": stats.num_conflicts, "skipped": not taken,
                 "modality_grad_norms": self._modality_grad_norms(stats) / scale}
 
     def _modality_grad_norms(self, stats: GMDStats) -> np.ndarray:
@@ -223,7 +199,8 @@ class nnUNetTrainerGMD(nnUNetTrainerDS):
         return norms
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end([{"loss": np.asarray(o["loss"])} for o in train_outputs])
+        super().on_train_epoch_end(train_outputs)
+        train_outputs = [o for o in train_outputs if not o.get("skipped")] or train_outputs
         conflicts = np.array([o["conflicts"] for o in train_outputs], dtype=float)
         norms = np.stack([o["modality_grad_norms"] for o in train_outputs])
         if self.is_ddp:
@@ -231,7 +208,8 @@ class nnUNetTrainerGMD(nnUNetTrainerDS):
             dist.all_gather_object(gathered, (conflicts, norms))
             conflicts = np.concatenate([g[0] for g in gathered])
             norms = np.concatenate([g[1] for g in gathered])
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a modality whose unimodal subset was never drawn
             mean_norms = [float(v) for v in np.nanmean(norms, axis=0)] if len(norms) else []
         self.logger.log(CONFLICTS_KEY, float(conflicts.mean()), self.current_epoch)
         self.logger.log(GRAD_NORMS_KEY, mean_norms, self.current_epoch)
@@ -294,31 +272,28 @@ class nnUNetTrainerGMD_k5_FF(nnUNetTrainerGMD_k5):
 
 
 # ---------------------------------------------------------------------------- smoke variants
-_SMOKE_BUDGET = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}
-
-
 class nnUNetTrainerDS_smoke(nnUNetTrainerDS):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 class nnUNetTrainerGMD_smoke(nnUNetTrainerGMD):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 class nnUNetTrainerGMD_k5_smoke(nnUNetTrainerGMD_k5):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 class nnUNetTrainerDS_FF_smoke(nnUNetTrainerDS_FF):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 class nnUNetTrainerGMD_FF_smoke(nnUNetTrainerGMD_FF):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 class nnUNetTrainerGMD_k5_FF_smoke(nnUNetTrainerGMD_k5_FF):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNetTrainerDS_smoke",
@@ -375,8 +350,9 @@ class nnUNetTrainerGMD_amortized(nnUNetTrainerGMD):
             step = self.amortized_gmd.backward(self._ds_network(), data, subsets, loss_on(target),
                                                generator=self.gmd_generator, gram_input=gram_input)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        self._optimizer_step()
-        out = {"loss": float(step.losses.mean()) / scale, "conflicts": np.nan,
+        loss = float(step.losses.mean()) / scale
+        taken = self._optimizer_step(loss, batch)
+        out = {"loss": loss, "conflicts": np.nan, "skipped": not taken,
                "modality_grad_norms": np.full(self.num_input_channels, np.nan)}
         if step.stats is not None:
             out.update(conflicts=step.stats.num_conflicts,
@@ -385,7 +361,8 @@ class nnUNetTrainerGMD_amortized(nnUNetTrainerGMD):
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         """As GMD's, averaging the statistics over the refresh steps only (NaN for an epoch without one)."""
-        nnUNetTrainerDS.on_train_epoch_end(self, [{"loss": np.asarray(o["loss"])} for o in train_outputs])
+        nnUNetTrainerDS.on_train_epoch_end(self, train_outputs)
+        train_outputs = [o for o in train_outputs if not o.get("skipped")] or train_outputs
         conflicts = np.array([o["conflicts"] for o in train_outputs], dtype=float)
         norms = np.stack([o["modality_grad_norms"] for o in train_outputs])
         if self.is_ddp:
@@ -428,17 +405,17 @@ class nnUNetTrainerGMD_m1(nnUNetTrainerGMD_amortized):
 
 
 class nnUNetTrainerGMD_amortized_smoke(nnUNetTrainerGMD_amortized):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
     gmd_interval = 4  # 6 smoke steps: refreshes at steps 0 and 4, reuse steps in between
 
 
 class nnUNetTrainerGMD_amortized_sub_smoke(nnUNetTrainerGMD_amortized_sub):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
     gmd_interval = 4
 
 
 class nnUNetTrainerGMD_m1_smoke(nnUNetTrainerGMD_m1):
-    budget = _SMOKE_BUDGET
+    budget = SMOKE_BUDGET
 
 
 __all__ += ["nnUNetTrainerGMD_amortized", "nnUNetTrainerGMD_amortized_sub", "nnUNetTrainerGMD_m1",
