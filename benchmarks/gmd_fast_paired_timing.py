@@ -19,7 +19,8 @@ import torch
 
 def main() -> None:
     from nnunet_gmd import gmd
-    from nnunet_gmd.bench import DEFAULTS, build
+    from nnunet_gmd.bench import build
+    from nnunet_gmd.bench_cli import DEFAULTS
     from nnunet_gmd.gmd_fast import weighted_ds_backward
     from nnunet_gmd.subsets import all_subsets
 

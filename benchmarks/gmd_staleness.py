@@ -32,7 +32,7 @@ from nnunet_gmd import gmd
 from nnunet_gmd.demo.phantoms import MODALITIES, make_phantom
 from nnunet_gmd.gmd_fast import AmortizedGMD, _reach, unimodal_and_full
 from nnunet_gmd.networks import DSUNet
-from nnunet_gmd.nnunet.files import atomic_write, write_json_atomic
+from nnunet_gmd.atomic import atomic_write, write_json
 from nnunet_gmd.subsets import all_subsets
 
 FEATURES = [16, 32, 64, 128]
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     result = run(args)
-    write_json_atomic(args.out / "gmd_staleness.json", result)
+    write_json(args.out / "gmd_staleness.json", result)
     plot(result, args.out / "gmd_staleness.png")
     print({k: v for k, v in result["summary"].items() if k != "cos_by_age_mean"}, f"{result['seconds']} s")
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from nnunet_gmd.sentiment.atomic import write_json
+from nnunet_gmd.atomic import write_json
 from nnunet_gmd.sentiment.benchmark import fit
 from nnunet_gmd.sentiment.tables import (default_valid_videos, load_table_folder, pick_valid_videos,
                                          split_by_videos, video_folds)

@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nnunet_gmd.bench_cli import DEFAULTS, FUSION_CHOICES  # noqa: F401  (re-exported for scripts)
 
 METHODS = ("plain", "reference", "gmd", "gmd_k5", "floor")
 FAST_METHODS = ("gmd_weighted", "gmd_amortized", "gmd_amortized_sub", "gmd_m1")  # nnunet_gmd.bench_fast

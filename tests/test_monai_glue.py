@@ -147,6 +147,29 @@ def test_stack_modalities_rejects_mismatched_grids(tmp_path):
         StackModalitiesd()({"case": "Z"})
 
 
+def test_nan_voxels_are_refused_naming_the_file_in_both_integrations(tmp_path):
+    """MONAI used to give an empty mask for a NaN voxel; both paths now refuse with the same words."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_gmd.errors import UserError
+    from nnunet_gmd.nifti import nifti_problem
+    from nnunet_gmd.nnunet.predict import CaseFiles, check_case
+
+    write_case(tmp_path, "A", modalities=("t1", "flair"))
+    flair = tmp_path / "A" / "A_flair.nii.gz"
+    data = nib.load(flair).get_fdata().astype(np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, AFFINE), flair)
+    loaded = LoadImaged(keys=list(MODALITIES), allow_missing_keys=True, image_only=True,
+                        ensure_channel_first=True)(load_cases(tmp_path)[0])
+    with pytest.raises(CaseListError, match=r"case 'A': cannot use flair \(.*A_flair.nii.gz\) \(contains 1 NaN or infinite voxel"):
+        StackModalitiesd()(loaded)
+    with pytest.raises(UserError, match=r"case A: cannot use A_flair.nii.gz \(contains 1 NaN or infinite voxel\(s\)\)"):
+        check_case(CaseFiles("A", {0: tmp_path / "A" / "A_t1.nii.gz", 3: flair}), SimpleITKIO())
+    assert nifti_problem(flair) is None
+    assert nifti_problem(flair, check_finite=True) == "contains 1 NaN or infinite voxel(s)"
+
+
 def test_apply_subset_zeroes_and_narrows_the_mask():
     image = MetaTensor(torch.ones(4, 2, 2, 2))
     out = ApplySubsetd()({"case": "c", "image": image, "available": torch.ones(4, dtype=torch.bool),

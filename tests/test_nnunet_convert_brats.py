@@ -120,6 +120,12 @@ def test_bad_files_are_named(brats_src, tmp_path, capsys):
     t2.write_bytes(data[: len(data) // 2])
     _one_line_error(capsys, _convert(src, tmp_path / "raw"), case.name, t2.name, "truncated")
 
+    nan = np.asarray(nib.load(case / t2.name).dataobj).astype(np.float32)
+    nan[3, 4, 5] = np.nan     # nnU-Net's SimpleITK reader would train on it as a 0 without a word
+    nib.save(nib.Nifti1Image(nan, img.affine), t2)
+    _one_line_error(capsys, _convert(src, tmp_path / "raw"), case.name, f"cannot use {t2.name}",
+                    "1 NaN or infinite voxel")
+
     t2.write_bytes(data)
     seg = src / case.name / f"{case.name}_seg.nii.gz"
     s = nib.load(seg)

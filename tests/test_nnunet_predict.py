@@ -4,6 +4,7 @@ voxel by voxel; the end-to-end test with a trained GMD model lives in test_nnune
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,7 @@ import SimpleITK as sitk
 
 from nnunet_gmd.cli import main
 from nnunet_gmd.errors import UserError
-from nnunet_helpers import (CONFIG, DATASET_ID, DS_TRAINER, STOCK_TRAINER, assert_same_prediction,  # noqa: F401
-                            ds_model, make_input_folder, nnunet_paths, stock_model, tiny_nnunet)
+from nnunet_helpers import CONFIG, DATASET_ID, DS_TRAINER, STOCK_TRAINER, assert_same_prediction, make_input_folder
 
 STOCK = STOCK_TRAINER
 CASES = ["Phantom_000", "Phantom_001"]
@@ -129,6 +129,36 @@ def test_continue_prediction_skips_finished_cases(nnunet_paths, stock_model, tmp
     first = (out / f"{CASES[0]}.nii.gz").stat().st_mtime_ns
     assert main(_predict_args(inp, out, STOCK, "--continue_prediction")) == 0
     assert (out / f"{CASES[0]}.nii.gz").stat().st_mtime_ns == first
+
+    # other channels than the finished prediction's: predicted again, and the record says so truthfully
+    assert main(_predict_args(inp, out, STOCK, "--continue_prediction", "--available", "t1")) == 0
+    assert (out / f"{CASES[0]}.nii.gz").stat().st_mtime_ns != first
+    record = json.loads((out / "modality_availability.json").read_text())
+    assert record["cases"][CASES[0]] == ["t1"]
+    # a truncated output (a killed run) is not taken as done
+    seg = out / f"{CASES[0]}.nii.gz"
+    seg.write_bytes(seg.read_bytes()[:200])
+    assert main(_predict_args(inp, out, STOCK, "--continue_prediction", "--available", "t1")) == 0
+    assert sitk.ReadImage(str(seg)).GetSize() == sitk.ReadImage(str(inp / f"{CASES[0]}_0000.nii.gz")).GetSize()
+
+
+def test_an_image_with_another_ending_is_skipped_with_a_warning(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    f = inp / f"{CASES[0]}_0003.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(f)), str(inp / f"{CASES[0]}_0003.nii"))   # the user's .nii copy
+    f.unlink()
+    assert main(_predict_args(inp, tmp_path / "o", STOCK)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: 1 image file(s) in {inp} are skipped because the model's files end in .nii.gz: " \
+           f"{CASES[0]}_0003.nii" in err
+
+
+def test_output_folder_is_checked_before_the_model_loads(nnunet_paths, stock_model, tmp_path, capsys):
+    inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
+    (tmp_path / "file").write_text("x")
+    _expect_error(capsys, _predict_args(inp, tmp_path / "file", STOCK), "-o:", "is a file")
+    _expect_error(capsys, _predict_args(inp, inp, STOCK), "-o:", "is the input folder")
+    _expect_error(capsys, _predict_args(inp, tmp_path / "file" / "sub", STOCK), "cannot be created")
 
 
 # ---------------------------------------------------------------------------------------------- bad input

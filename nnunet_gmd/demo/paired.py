@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 from nnunet_gmd.errors import UserError  # noqa: E402
 from nnunet_gmd.demo.per_case import CaseScores, case_scores  # noqa: E402
 from nnunet_gmd.demo.results import SHORT_REGION  # noqa: E402
-from nnunet_gmd.demo.workspace import reports_root, write_json_atomic  # noqa: E402
-from nnunet_gmd.nnunet.files import atomic_write, write_text_atomic  # noqa: E402
+from nnunet_gmd.demo.workspace import reports_root  # noqa: E402
+from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
 from nnunet_gmd.nnunet.report import REPORT_JSON  # noqa: E402
 
 STEM = "paired_differences"
@@ -310,9 +310,9 @@ class PairedDifferences:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
-        write_text_atomic(paths["md"], self.to_markdown())
-        write_text_atomic(paths["csv"], self.to_csv())
-        write_json_atomic(paths["json"], self.to_json())
+        write_text(paths["md"], self.to_markdown())
+        write_text(paths["csv"], self.to_csv())
+        write_json(paths["json"], self.to_json())
         self.plot(paths["png"])
         return paths
 

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from nnunet_gmd.atomic import write_json
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.tools import run_tool, tool
-from nnunet_gmd.demo.workspace import Workspace, write_json_atomic
+from nnunet_gmd.demo.workspace import Workspace
 
 
 def plan_and_preprocess(ws: Workspace, dataset_id: int, dataset_name: str, preset: Preset) -> Path:
@@ -57,7 +58,7 @@ def add_narrow_configuration(plans_file: Path, name: str, base_features: int, ma
     kwargs = architecture["arch_kwargs"]
     kwargs["features_per_stage"] = narrow_features(int(kwargs["n_stages"]), base_features, max_features)
     configurations[name] = {"inherits_from": "3d_fullres", "architecture": architecture}
-    write_json_atomic(plans_file, plans)
+    write_json(plans_file, plans)
 
 
 def write_split(ws: Workspace, dataset_name: str, train: Sequence[str], test: Sequence[str]) -> Path:
@@ -71,7 +72,7 @@ def write_split(ws: Workspace, dataset_name: str, train: Sequence[str], test: Se
     if not train or not test:
         raise UserError(f"need at least one training and one test case (got {len(train)} and {len(test)})")
     path = ws.preprocessed / dataset_name / "splits_final.json"
-    write_json_atomic(path, [{"train": sorted(train), "val": sorted(test)}])
+    write_json(path, [{"train": sorted(train), "val": sorted(test)}])
     return path
 
 

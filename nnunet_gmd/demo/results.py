@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence, Union
@@ -24,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nnunet_gmd.demo.workspace import publish, write_json_atomic  # noqa: E402
-from nnunet_gmd.nnunet.report import comparison_rows, load_report, regions_of, write_text_atomic  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json  # noqa: E402
+from nnunet_gmd.nnunet.report import comparison_rows, load_report, regions_of, write_text  # noqa: E402
 
 SHORT_REGION = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 MEAN_KINDS = ("all subsets", "missing modalities", "full set")
@@ -210,14 +208,8 @@ class Results:
         axes[0, 0].legend(loc="lower right", fontsize=8, ncol=len(self.labels))
         fig.suptitle(title)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".results.", suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=110, format="png")
-            publish(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            save_figure(fig, path, dpi=110)
         finally:
             plt.close(fig)
 
@@ -227,8 +219,8 @@ class Results:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
-        write_text_atomic(paths["md"], self.to_markdown(title, details))
-        write_text_atomic(paths["csv"], self.to_csv())
-        write_json_atomic(paths["json"], {**self.to_json(), **(extra or {})})
+        write_text(paths["md"], self.to_markdown(title, details))
+        write_text(paths["csv"], self.to_csv())
+        write_json(paths["json"], {**self.to_json(), **(extra or {})})
         self.plot(paths["png"], title)
         return paths

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from nnunet_gmd.atomic import write_json
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet import ext_trainer_path
 
@@ -41,29 +41,6 @@ def results_root(root: Path, seed: int = 0) -> Path:
     return Path(root) / f"nnUNet_results{seed_suffix(seed)}"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file normal permissions (mkstemp makes it 0600) and rename it into place."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON via a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    publish(tmp, path)
-
-
 class Workspace:
     """Folders of one run below ``root``, and the bookkeeping of which steps are done."""
 
@@ -84,7 +61,7 @@ class Workspace:
         elif self.root.exists() and any(p.name != "logs" for p in self.root.iterdir()):
             raise UserError(f"{self.root} is not empty and holds no nnunet-gmd run; choose another output folder")
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(settings_file, settings)
+        write_json(settings_file, settings)
         self.raw = self.root / "nnUNet_raw"
         self.preprocessed = self.root / "nnUNet_preprocessed"
         self.results = results_root(self.root)
@@ -117,7 +94,7 @@ class Workspace:
         fn()
         elapsed = time.monotonic() - start
         self.timings[step] = round(elapsed, 1)
-        write_json_atomic(self._steps / f"{step}.done", {"seconds": round(elapsed, 1), "finished": time.time()})
+        write_json(self._steps / f"{step}.done", {"seconds": round(elapsed, 1), "finished": time.time()})
         print(f"  {title}: {elapsed:.0f} s", flush=True)
         return True
 

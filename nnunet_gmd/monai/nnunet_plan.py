@@ -33,6 +33,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import nn
 
+from nnunet_gmd.atomic import atomic_path
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.monai.data import CASE_KEY
 
@@ -235,12 +236,6 @@ class NnUNetSaveSegmentationd(MapTransform):
     def write(self, seg: np.ndarray, case: str, properties: dict) -> Path:
         ending = self.plan.file_ending
         target = self.output_dir / f"{case}{ending}"
-        tmp = self.output_dir / f".{case}.partial{ending}"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        try:
+        with atomic_path(target, suffix=f".tmp{ending}") as tmp:   # the writer picks the format by ending
             self.plan.plans_manager.image_reader_writer_class().write_seg(seg, str(tmp), properties)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return target

@@ -17,6 +17,7 @@ from monai.transforms import MapTransform
 
 from nnunet_gmd.monai.brats import MODALITIES, REGION_KEYS, REGION_TO_BRATS_LABEL
 from nnunet_gmd.monai.data import CASE_KEY, SUBSET_KEY, CaseListError
+from nnunet_gmd.nifti import cannot, nonfinite_problem
 from nnunet_gmd.subsets import subset_mask
 
 AFFINE_TOLERANCE = 1e-3  # voxel-to-world differences below this are rounding, not misregistration
@@ -60,6 +61,9 @@ class StackModalitiesd(MapTransform):
                 raise CaseListError(f"case {case!r}: {_describe(image, str(key))} has shape {tuple(image.shape[1:])}"
                                     f" but {_describe(ref, str(ref_key))} has {tuple(ref.shape[1:])}; the "
                                     f"sequences must be co-registered on one grid")
+            problem = nonfinite_problem(image) if image.is_floating_point() else None
+            if problem:   # the same refusal as ``nnunet-gmd predict``: NaN voxels silently gave an empty mask
+                raise CaseListError(f"case {case!r}: {cannot(_describe(image, str(key)), problem)}")
             if isinstance(image, MetaTensor) and isinstance(ref, MetaTensor) and not torch.allclose(
                     image.affine.double(), ref.affine.double(), atol=AFFINE_TOLERANCE):
                 raise CaseListError(f"case {case!r}: {_describe(image, str(key))} and {_describe(ref, str(ref_key))}"

@@ -80,11 +80,15 @@ def _device(args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------------------- predict
 def _predict(args: argparse.Namespace) -> int:
+    from nnunet_gmd.atomic import output_folder_problem
     from nnunet_gmd.errors import UserError
     from nnunet_gmd.nnunet.predict import (channel_names, ds_network, find_cases, load_predictor, model_folder,
                                            predict_cases)
     from nnunet_gmd.subsets import parse_subset, subset_name
 
+    problem = output_folder_problem(args.o, input_folder=args.i)
+    if problem:
+        raise UserError(f"-o: {problem}")
     folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
     predictor = load_predictor(folder, args.folds, args.checkpoint, _device(args), args.step_size,
                                not args.disable_tta, verbose=args.verbose,
@@ -96,8 +100,8 @@ def _predict(args: argparse.Namespace) -> int:
             forced = parse_subset(args.available, names)
         except ValueError as e:
             raise UserError(f"--available: {e}") from None
-    cases = find_cases(Path(args.i), predictor.dataset_json["file_ending"], names)
     with _plain_warnings("predict"):
+        cases = find_cases(Path(args.i), predictor.dataset_json["file_ending"], names)
         used = predict_cases(predictor, cases, Path(args.o), forced=forced, overwrite=not args.continue_prediction,
                              save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
                              num_processes_segmentation_export=args.nps, progress=not args.disable_progress_bar)
@@ -115,8 +119,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from nnunet_gmd.nnunet.predict import load_predictor, model_folder, resolve_dataset_name
     from nnunet_gmd.nnunet.report import to_markdown, write_report
 
+    from nnunet_gmd.atomic import output_folder_problem
+    from nnunet_gmd.errors import UserError
+
     folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
     out_dir = Path(args.o) if args.o else folder / f"fold_{args.fold}" / "missing_modality"
+    problem = output_folder_problem(out_dir)
+    if problem:
+        raise UserError(f"-o: {problem}")
     predictor = load_predictor(folder, [args.fold], args.checkpoint, _device(args), args.step_size,
                                not args.disable_tta, allow_tqdm=False)
     with _plain_warnings("evaluate"):
@@ -132,7 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- compare
 def _compare(args: argparse.Namespace) -> int:
     from nnunet_gmd.errors import UserError
-    from nnunet_gmd.nnunet.files import write_text_atomic
+    from nnunet_gmd.atomic import write_text
     from nnunet_gmd.nnunet.report import (check_comparable, compare_table, comparison_labels, load_report,
                                           plot_comparison, regions_of)
 
@@ -147,7 +157,7 @@ def _compare(args: argparse.Namespace) -> int:
     table = compare_table(reports, labels, args.region)
     print(table)
     out = Path(args.o)
-    write_text_atomic(out / "missing_modality_comparison.md", table)
+    write_text(out / "missing_modality_comparison.md", table)
     plot_comparison(reports, labels, out / "missing_modality_comparison.png")
     print(f"wrote {out / 'missing_modality_comparison.md'}, {out / 'missing_modality_comparison.png'}")
     return 0

@@ -26,7 +26,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.nnunet.files import nifti_problem
+from nnunet_gmd.nifti import cannot, nifti_problem
 
 #: nnU-Net channel index -> channel name, in the order of nnU-Net's Dataset137.
 CHANNEL_NAMES: dict[int, str] = {0: "t1", 1: "t1ce", 2: "t2", 3: "flair"}
@@ -120,9 +120,9 @@ def check_case(case: BratsCase, need_all_channels: bool) -> None:
                         f"(nnU-Net trains on all four sequences)")
     files = list(case.channels.values()) + ([case.seg] if case.seg is not None else [])
     for f in files:
-        problem = nifti_problem(f)
+        problem = nifti_problem(f, check_finite=True)   # NaN voxels would silently read as 0 in nnU-Net
         if problem:
-            raise UserError(f"case {case.case_id}: cannot read {f.name} ({problem})")
+            raise UserError(f"case {case.case_id}: {cannot(f.name, problem)}")
     ref = _header(files[0], case.case_id)
     for f in files[1:]:
         grid = _header(f, case.case_id)

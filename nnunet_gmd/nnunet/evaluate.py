@@ -28,7 +28,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.nnunet.files import write_json_atomic
+from nnunet_gmd.atomic import write_json
 from nnunet_gmd.nnunet.predict import (CaseFiles, channel_names, ds_network, predict_case_subsets,
                                       record_availability)
 from nnunet_gmd.subsets import Subset, all_subsets, subset_name
@@ -203,7 +203,7 @@ def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, 
         bar.close()
         for subset in todo:
             record_availability(folders[subset], predictor, {c: subset for c in case_ids})
-            write_json_atomic(folders[subset] / _DONE_FILE, fingerprints[subset])
+            write_json(folders[subset] / _DONE_FILE, fingerprints[subset])
 
     entries = []
     for subset in tqdm(subsets, desc="scoring subsets", unit="subset", disable=not progress):

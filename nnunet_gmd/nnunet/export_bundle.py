@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.nnunet.files import write_text_atomic
+from nnunet_gmd.atomic import write_text
 from nnunet_gmd.nnunet.network import NetworkSpec, network_spec
 
 BUNDLE_VERSION = "0.1.0"
@@ -385,12 +385,12 @@ def export_bundle(source: SourceModel, output: Path, overwrite: bool = False) ->
         (configs / "nnunet").mkdir(parents=True)
         shutil.copyfile(source.folder / "plans.json", configs / "nnunet" / "plans.json")
         shutil.copyfile(source.folder / "dataset.json", configs / "nnunet" / "dataset.json")
-        write_text_atomic(configs / "inference.json", readable_json(inference_config(source)))
-        write_text_atomic(configs / "metadata.json", readable_json(metadata(source)))
+        write_text(configs / "inference.json", readable_json(inference_config(source)))
+        write_text(configs / "metadata.json", readable_json(metadata(source)))
         (tmp / "models").mkdir()
         torch.save(source.weights, tmp / "models" / "model.pt")
-        write_text_atomic(tmp / "docs" / "README.md", bundle_readme(source, output_heads(source)))
-        write_text_atomic(tmp / "LICENSE", license_text(source, LICENSE_FILE.read_text()))
+        write_text(tmp / "docs" / "README.md", bundle_readme(source, output_heads(source)))
+        write_text(tmp / "LICENSE", license_text(source, LICENSE_FILE.read_text()))
         os.chmod(tmp, 0o777 & ~_umask())
         if output.exists():
             old = output.parent / f".{output.name}.old"

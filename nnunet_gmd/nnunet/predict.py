@@ -30,13 +30,13 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.file_path_utilities import get_output_folder
-from torch import nn
 from tqdm import tqdm
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.networks import DSNetworkBase
+from nnunet_gmd.networks import DSNetworkBase, unwrap
 from nnunet_gmd.nnunet import ext_trainer_path
-from nnunet_gmd.nnunet.files import nifti_problem, write_json_atomic
+from nnunet_gmd.atomic import write_json
+from nnunet_gmd.nifti import NIFTI_ENDINGS, cannot, nifti_problem, nonfinite_problem
 from nnunet_gmd.subsets import Subset, subset_mask
 
 AVAILABILITY_FILE = "modality_availability.json"
@@ -127,17 +127,6 @@ def load_predictor(folder: Path, folds: Sequence[int | str], checkpoint: str = "
     return predictor
 
 
-def unwrap(network: nn.Module) -> nn.Module:
-    """The bare network under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-            network = network.module
-        elif hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
-            network = network._orig_mod
-        else:
-            return network
-
-
 def ds_network(predictor: nnUNetPredictor) -> Optional[DSNetworkBase]:
     """The predictor's network if it is a Dynamic Sharing network (it can switch branches off), else None."""
     net = unwrap(predictor.network)
@@ -152,8 +141,11 @@ def find_cases(input_dir: Path, file_ending: str, names: Sequence[str]) -> list[
         raise UserError(f"input folder {input_dir} does not exist")
     pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(file_ending) + r"$")
     cases: dict[str, dict[int, Path]] = {}
+    other_images: list[str] = []
     for f in sorted(input_dir.iterdir()):
         if not f.name.endswith(file_ending) or f.name.startswith(".") or not f.is_file():
+            if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(NIFTI_ENDINGS):
+                other_images.append(f.name)   # e.g. a .nii among .nii.gz files: skipped, so say so
             continue
         m = pattern.match(f.name)
         if not m:
@@ -165,6 +157,10 @@ def find_cases(input_dir: Path, file_ending: str, names: Sequence[str]) -> list[
             raise UserError(f"case {m.group('case')}: {f.name} is channel {channel}, but the model has only "
                             f"{len(names)} channels ({known})")
         cases.setdefault(m.group("case"), {})[channel] = f
+    if other_images:
+        warnings.warn(f"{len(other_images)} image file(s) in {input_dir} are skipped because the model's files end "
+                      f"in {file_ending}: {', '.join(other_images[:5])}{' ...' if len(other_images) > 5 else ''}",
+                      UserWarning, stacklevel=2)
     if not cases:
         raise UserError(f"no CASE_XXXX{file_ending} images in {input_dir}")
     return [CaseFiles(case_id, files) for case_id, files in sorted(cases.items())]
@@ -192,6 +188,10 @@ def _short(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _mm(spacing: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(s):g}" for s in spacing) + ") mm"
+
+
 def check_case(case: CaseFiles, reader: BaseReaderWriter) -> tuple[tuple[int, ...], dict]:
     """Read every channel file of a case with the dataset's reader; same shape and spacing, finite values.
 
@@ -200,18 +200,21 @@ def check_case(case: CaseFiles, reader: BaseReaderWriter) -> tuple[tuple[int, ..
     """
     ref: Optional[tuple[Path, tuple[int, ...], dict]] = None
     for channel, f in sorted(case.files.items()):
+        # nibabel first: it names truncation and NaN voxels, which SimpleITK reads silently (as zeros), and it
+        # fails quietly on a non-NIfTI file where SimpleITK prints "sitk::ERROR" lines before raising
+        problem = nifti_problem(f, check_finite=True)
+        if problem:
+            raise UserError(f"case {case.case_id}: {cannot(f.name, problem)}")
         try:
             data, props = reader.read_images([str(f)])
         except Exception as e:  # readers raise anything from RuntimeError to EOFError on broken files
             raise UserError(f"case {case.case_id}: cannot read {f.name} ({_short(e)})") from None
-        problem = nifti_problem(f)
-        if problem:
-            raise UserError(f"case {case.case_id}: cannot read {f.name} ({problem})")
         if data.shape[0] != 1:
             raise UserError(f"case {case.case_id}: {f.name} holds {data.shape[0]} channels; "
                             f"one file per channel is expected")
-        if not np.isfinite(data).all():
-            raise UserError(f"case {case.case_id}: {f.name} contains NaN or infinite values")
+        problem = nonfinite_problem(data)   # a reader other than nibabel's may still see them
+        if problem:
+            raise UserError(f"case {case.case_id}: {cannot(f.name, problem)}")
         shape = tuple(data.shape[1:])
         if ref is None:
             ref = (f, shape, props)
@@ -220,8 +223,8 @@ def check_case(case: CaseFiles, reader: BaseReaderWriter) -> tuple[tuple[int, ..
         if shape != ref_shape:
             raise UserError(f"case {case.case_id}: {f.name} has shape {shape}, but {ref_file.name} has {ref_shape}")
         if not np.allclose(props["spacing"], ref_props["spacing"]):
-            raise UserError(f"case {case.case_id}: {f.name} has spacing {tuple(props['spacing'])}, but "
-                            f"{ref_file.name} has {tuple(ref_props['spacing'])}")
+            raise UserError(f"case {case.case_id}: {f.name} has spacing {_mm(props['spacing'])}, but "
+                            f"{ref_file.name} has {_mm(ref_props['spacing'])}")
     assert ref is not None
     return ref[1], ref[2]
 
@@ -256,9 +259,15 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
 
     available = {case.case_id: resolve_available(case, names, forced) for case in cases}
     if not overwrite:
+        recorded = recorded_availability(output_dir)
+
         def done(case_id: str) -> bool:
-            return (output_dir / f"{case_id}{ending}").is_file() and \
-                (not save_probabilities or (output_dir / f"{case_id}.npz").is_file())
+            """An intact output from the same channels (a killed run leaves truncated files; ``--available``
+            may differ from the earlier run's)."""
+            out = output_dir / f"{case_id}{ending}"
+            return out.is_file() and nifti_problem(out) is None \
+                and recorded.get(case_id) == [names[i] for i in available[case_id]] \
+                and (not save_probabilities or (output_dir / f"{case_id}.npz").is_file())
         cases = [c for c in cases if not done(c.case_id)]
 
     reader = predictor.plans_manager.image_reader_writer_class()
@@ -302,7 +311,7 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
             if ds is not None:
                 ds.set_default_available(None)
 
-    record_availability(output_dir, predictor, available)
+    record_availability(output_dir, predictor, {c.case_id: available[c.case_id] for c in cases})
     return available
 
 
@@ -417,6 +426,14 @@ def record_availability(output_dir: Path, predictor: nnUNetPredictor, available:
                          {case_id: [names[i] for i in subset] for case_id, subset in available.items()})
 
 
+def recorded_availability(output_dir: Path) -> dict[str, list[str]]:
+    """Case id -> channel names of the predictions already in ``output_dir`` (empty without a record)."""
+    try:
+        return dict(json.loads((Path(output_dir) / AVAILABILITY_FILE).read_text()).get("cases", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _record_availability(path: Path, trainer: str, is_ds: bool, cases: dict[str, list[str]]) -> None:
     """Which channels each prediction in the folder was made from (merged with earlier runs into the folder)."""
     try:
@@ -427,4 +444,4 @@ def _record_availability(path: Path, trainer: str, is_ds: bool, cases: dict[str,
     record["absent_channels"] = "switched off (Dynamic Sharing)" if is_ds else "zero-filled (not a DS network)"
     record.setdefault("cases", {}).update(cases)
     record["cases"] = dict(sorted(record["cases"].items()))
-    write_json_atomic(path, record)
+    write_json(path, record)

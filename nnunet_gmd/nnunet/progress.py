@@ -1,7 +1,6 @@
 """``gmd_progress.png``: GMD's per-epoch statistics, drawn beside nnU-Net's ``progress.png``."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import matplotlib
@@ -9,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from nnunet_gmd.atomic import save_figure  # noqa: E402
 
 
 def plot_gmd_progress(conflicts: Sequence[float], modality_grad_norms: Sequence[Sequence[float]],
@@ -27,7 +28,7 @@ def plot_gmd_progress(conflicts: Sequence[float], modality_grad_norms: Sequence[
     bottom.set_xlabel("epoch")
     bottom.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

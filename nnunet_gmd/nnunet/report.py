@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nnunet_gmd.errors import UserError  # noqa: E402
-from nnunet_gmd.nnunet.files import atomic_write, write_json_atomic, write_text_atomic  # noqa: E402
+from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
 
 REPORT_JSON = "missing_modality_report.json"
 REPORT_CSV = "missing_modality_report.csv"
@@ -174,9 +174,9 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / REPORT_JSON, "csv": out_dir / REPORT_CSV, "markdown": out_dir / REPORT_MD,
              "heatmap": out_dir / REPORT_PNG}
     safe = _json_safe(report)
-    write_json_atomic(paths["json"], safe)
-    write_text_atomic(paths["csv"], to_csv(report))
-    write_text_atomic(paths["markdown"], to_markdown(report))
+    write_json(paths["json"], safe)
+    write_text(paths["csv"], to_csv(report))
+    write_text(paths["markdown"], to_markdown(report))
     plot_heatmap(report, paths["heatmap"])
     return paths
 

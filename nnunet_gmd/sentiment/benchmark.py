@@ -31,7 +31,7 @@ from sklearn.linear_model import Ridge  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from nnunet_gmd.sentiment import MODALITIES, SHORT_NAMES  # noqa: E402
-from nnunet_gmd.sentiment.atomic import save_figure, write_json, write_text  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
 from nnunet_gmd.sentiment.batching import SplitTensors  # noqa: E402
 from nnunet_gmd.sentiment.evaluate import SUBSETS, predict_subsets, subset_label  # noqa: E402
 from nnunet_gmd.sentiment.metrics import METRIC_NAMES, mmsa_regression_metrics  # noqa: E402

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from nnunet_gmd.sentiment.atomic import atomic_path
+from nnunet_gmd.atomic import atomic_path
 from nnunet_gmd.sentiment.model import ModelConfig, SentimentModel, build_model
 
 CHECKPOINT_KIND = "nnunet-gmd-sentiment"
@@ -31,9 +31,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # torch raises many types (OSError, RuntimeError, ...) for corrupt or foreign files
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint: the file is damaged or incomplete (a copy or a "
+                              f"run stopped while writing it?); torch says: {detail}") from None
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a sentiment checkpoint written by 'nnunet-gmd sentiment train'")
     if state.get("version") != CHECKPOINT_VERSION:

@@ -86,6 +86,56 @@ def _load_for_training(args: argparse.Namespace) -> tuple[SentimentData, bool]:
     return split_by_videos(table, videos), True
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return x
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not 0 <= x < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {value!r}")
+    return x
+
+
+def _nonnegative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value!r}")
+    return x
+
+
+def _output_folder(value: str) -> str:
+    """``--out``: refused at once when it is a file or cannot be created (before any data is read)."""
+    from nnunet_gmd.atomic import output_folder_problem
+
+    problem = output_folder_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def _backbone(choice: str, is_table: bool) -> str:
     """``auto``: an MLP for utterance-level features (one step each), the Transformer for sequences."""
     return ("mlp" if is_table else "transformer") if choice == "auto" else choice
@@ -269,7 +319,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train on the train split, select on valid")
     t.add_argument("--data", required=True, help=data_help)
     t.add_argument("--dataset", required=True, choices=("mosi", "mosei"))
-    t.add_argument("--out", required=True, help="run folder: last.pt, best.pt, history.json, training_curve.png")
+    t.add_argument("--out", type=_output_folder, required=True, help="run folder: last.pt, best.pt, history.json, training_curve.png")
     t.add_argument("--method", default="gmd", choices=("gmd", "ds", "full", "early", "early_dropout"),
                    help="gmd: decoupled subset gradients (default); ds: mean of subset losses; full: all "
                         "modalities only; early: early-fusion MLP, missing modalities zero-filled; early_dropout: "
@@ -280,15 +330,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="early_dropout: chance that each modality of a sample is dropped in training")
     t.add_argument("--subsets", type=_subsets_per_step, default=None, metavar="all|k",
                    help="subsets per step: all 7 (default) or k drawn at random")
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--epochs", type=_positive_int, default=30)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--hidden", type=int, default=64, help="common width of all modalities")
-    t.add_argument("--layers", type=int, default=2, help="shared backbone blocks (early fusion: hidden layers)")
-    t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--dropout", type=float, default=0.1)
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
+    t.add_argument("--hidden", type=_positive_int, default=64, help="common width of all modalities")
+    t.add_argument("--layers", type=_positive_int, default=2, help="shared backbone blocks (early fusion: hidden layers)")
+    t.add_argument("--heads", type=_positive_int, default=4)
+    t.add_argument("--dropout", type=_fraction, default=0.1)
     t.add_argument("--gmd-reduction", default="mean", choices=("mean", "sum"),
                    help="mean: official code (default); sum: paper Eq. 9")
     t.add_argument("--fix-nonfinite", action="store_true", help=nonfinite_help)
@@ -299,13 +349,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="MMSA metrics for all 7 modality subsets")
     e.add_argument("--checkpoint", required=True, help="best.pt or last.pt from 'sentiment train'")
     e.add_argument("--data", required=True, help=data_help)
-    e.add_argument("--out", required=True, help="folder for metrics.json, metrics.md, metrics.png")
+    e.add_argument("--out", type=_output_folder, required=True, help="folder for metrics.json, metrics.md, metrics.png")
     e.add_argument("--split", default=None, choices=SPLITS,
                    help="pickles: which split (default test); a table folder is always scored whole")
     e.add_argument("--missing-rate-curve", action="store_true",
                    help="also evaluate random per-sample missing modalities at rates 0.0 to 0.7")
     e.add_argument("--seed", type=int, default=0, help="seed of the random missing-rate draws")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--fix-nonfinite", action="store_true", help=nonfinite_help)
     e.add_argument("--device", default="auto", help=device_help)
     e.set_defaults(func=cmd_evaluate)
@@ -319,21 +369,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--data", help="one table folder, with --cv K: video-level K-fold cross-validation")
     b.add_argument("--cv", type=int, default=None, metavar="K", help="number of video folds for --data")
     b.add_argument("--cv-seed", type=int, default=0, help="seed of the video-to-fold assignment")
-    b.add_argument("--out", required=True, help="folder for benchmark_results.{md,csv,json,png} and dominance.png")
-    b.add_argument("--seeds", type=int, default=3, help="seeds per method (and fold)")
+    b.add_argument("--out", type=_output_folder, required=True, help="folder for benchmark_results.{md,csv,json,png} and dominance.png")
+    b.add_argument("--seeds", type=_positive_int, default=3, help="seeds per method (and fold)")
     b.add_argument("--methods", default="gmd,gmd_k,ds,late_full,early,early_dropout",
                    help="comma-separated subset of gmd, gmd_k, ds, late_full, early, early_dropout")
     b.add_argument("--gmd-k", type=int, default=3, help="subsets drawn per step by gmd_k")
     b.add_argument("--dataset", default="mosi", choices=("mosi", "mosei"), help="name used in titles")
     b.add_argument("--valid-videos", type=int, default=None, metavar="K",
                    help="validation videos drawn from each training part (default 15%% of its videos)")
-    b.add_argument("--epochs", type=int, default=10)
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--weight-decay", type=float, default=0.0)
-    b.add_argument("--hidden", type=int, default=128, help="width (chosen on validation videos, docs/sentiment.md)")
-    b.add_argument("--layers", type=int, default=1, help="DS backbone blocks / early-fusion hidden layers")
-    b.add_argument("--dropout", type=float, default=0.1)
+    b.add_argument("--epochs", type=_positive_int, default=10)
+    b.add_argument("--batch-size", type=_positive_int, default=32)
+    b.add_argument("--lr", type=_positive_float, default=1e-3)
+    b.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
+    b.add_argument("--hidden", type=_positive_int, default=128, help="width (chosen on validation videos, docs/sentiment.md)")
+    b.add_argument("--layers", type=_positive_int, default=1, help="DS backbone blocks / early-fusion hidden layers")
+    b.add_argument("--dropout", type=_fraction, default=0.1)
     b.add_argument("--backbone", default="auto", choices=("auto", "transformer", "mlp"), help=backbone_help)
     b.add_argument("--modality-dropout", type=float, default=0.5)
     b.add_argument("--gmd-reduction", default="mean", choices=("mean", "sum"))
@@ -341,7 +391,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("synthetic", help="write a synthetic feature file in the MMSA or MulT layout (demo, tests)")
-    s.add_argument("--out", required=True, help="pickle file to write")
+    s.add_argument("--out", type=_output_folder, required=True, help="pickle file to write")
     s.add_argument("--format", default="mmsa-aligned", choices=FORMATS)
     s.add_argument("--dataset", default="mosi", choices=("mosi", "mosei"),
                    help="which dataset's audio/vision feature sizes to use")

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from nnunet_gmd.sentiment import MODALITIES, SHORT_NAMES  # noqa: E402
-from nnunet_gmd.sentiment.atomic import save_figure, write_json, write_text  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
 from nnunet_gmd.sentiment.batching import SplitTensors  # noqa: E402
 from nnunet_gmd.sentiment.metrics import METRIC_NAMES, mmsa_regression_metrics  # noqa: E402
 from nnunet_gmd.sentiment.model import SentimentModel  # noqa: E402

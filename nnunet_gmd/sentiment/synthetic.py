@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from nnunet_gmd.sentiment.atomic import atomic_path
+from nnunet_gmd.atomic import atomic_path
 from nnunet_gmd.sentiment.data import KNOWN_AUDIO_VISION_DIMS, SPLITS
 
 FORMATS: tuple[str, ...] = ("mmsa-aligned", "mmsa-unaligned", "mult")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from nnunet_gmd.gmd import REDUCTIONS, GMDStats, gmd_backward  # noqa: E402
 from nnunet_gmd.sentiment import MODALITIES, SHORT_NAMES  # noqa: E402
-from nnunet_gmd.sentiment.atomic import save_figure, write_json  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json  # noqa: E402
 from nnunet_gmd.sentiment.batching import SplitTensors, feature_statistics  # noqa: E402
 from nnunet_gmd.sentiment.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nnunet_gmd.sentiment.data import SentimentData  # noqa: E402
