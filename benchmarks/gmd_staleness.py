@@ -75,7 +75,7 @@ def subset_gradients(net: DSUNet, x: Tensor, subsets, loss) -> Tensor:
     outputs = gmd.ds_branch_outputs(net, x)
     rows = []
     for k, s in enumerate(subsets):
-        g = torch.autograd.grad(loss(gmd._fused(outputs, s)), params, retain_graph=k < len(subsets) - 1,
+        g = torch.autograd.grad(loss(gmd.fuse_logits(outputs, s)), params, retain_graph=k < len(subsets) - 1,
                                 allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(g, params)]))
     return torch.stack(rows)
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=3e-5)
     subsets, m1 = all_subsets(4), unimodal_and_full(4)
     m1_rows = [subsets.index(s) for s in m1]
-    layout = gmd._FlatLayout(list(net.parameters()))
+    layout = gmd.FlatLayout(list(net.parameters()))
     shared = {name: layout.element_mask(_reach(net, s)[0], torch.device("cpu"))
               for name, s in (("all", subsets), ("m1", m1))}
     mode = AmortizedGMD(args.interval)

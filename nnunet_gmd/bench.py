@@ -102,7 +102,7 @@ def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
                                     retain_graph=k < len(subsets) - 1, allow_unused=True)
             return
         for k, s in enumerate(subsets):
-            leaves = [f.detach().requires_grad_() for f in gmd._fused(outputs, s)]
+            leaves = [f.detach().requires_grad_() for f in gmd.fuse_logits(outputs, s)]
             cot = torch.autograd.grad(loss(leaves), leaves, allow_unused=True)
             used = [i for i, c in enumerate(cot) if c is not None]
             torch.autograd.grad([outputs[m][i] for m in s for i in used], params,

@@ -18,6 +18,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in ("steps", "size", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"bench gmd: --{name} must be a positive integer, got {getattr(args, name)}")
+    smallest = 2 ** len(DEFAULTS["features"])   # the bottleneck must keep more than one voxel for instance norm
+    if args.size < smallest:
+        raise UserError(f"bench gmd: --size must be at least {smallest} (the {len(DEFAULTS['features'])}-stage "
+                        f"U-Net halves it {len(DEFAULTS['features']) - 1} times), got {args.size}")
     cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion,
                fast_interval=args.fast_interval, sub_interval=args.sub_interval)
     from nnunet_gmd.bench import run_benchmark   # torch: only once the command runs

@@ -18,7 +18,7 @@ Two entry points:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,6 +28,24 @@ from torch import Tensor, nn
 from nnunet_gmd.subsets import Subset
 
 REDUCTIONS = ("mean", "sum")
+
+
+@runtime_checkable
+class DSNetwork(Protocol):
+    """What the structured GMD path needs of a Dynamic Sharing network (``nnunet_gmd.networks`` provide it).
+
+    A feature-fusion network also has ``decode_subset(branch_outputs, subset)``: the subset's output from the
+    per-branch encoder graphs (:func:`fuses_features`).
+    """
+
+    def forward_branch_graphs(self, x: Tensor) -> list[list[Tensor]]:
+        """Each modality branch as its own graph: ``out[m][scale]`` (encoder skips for feature fusion)."""
+
+    def modality_of_parameters(self) -> dict[str, Optional[int]]:
+        """Parameter name -> the modality whose branch alone uses it, or None for shared parameters."""
+
+    def uses_deep_supervision(self) -> bool:
+        """Whether ``network(x)`` returns one output per scale (a list) instead of one tensor."""
 
 
 @dataclass
@@ -76,19 +94,33 @@ def gram_statistics(gram: Tensor) -> tuple[Tensor, int, Tensor]:
     return cosine.float(), conflicts, norms.float()
 
 
-def _merge(flat_grads: Tensor, gram: Tensor, shared: Tensor, reduction: str,
-           generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
-    """Merged flat gradient and the per-loss weights. ``shared`` marks entries every loss reaches."""
+def pcgrad_weights(gram: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """The PCGrad step of GMD on the Gram matrix: weights ``w`` with merged gradient ``sum_k w_k g_k``.
+
+    Gram and random projection orders in, weights out (float64, CPU). Plain averaging, the DS ablation, is
+    ``w = 1``; the merge (:func:`merge_flat`) is the same for both.
+    """
+    return pcgrad_coefficients(gram, draw_orders(gram.shape[0], generator)).sum(0)
+
+
+def merge_flat(flat_grads: Tensor, weights: Tensor, shared: Tensor, reduction: str) -> Tensor:
+    """``weights @ flat_grads``, divided by K on the entries every loss reaches when ``reduction="mean"``."""
     k = flat_grads.shape[0]
-    weights = pcgrad_coefficients(gram, draw_orders(k, generator)).sum(0)
     merged = weights.to(flat_grads.dtype).to(flat_grads.device) @ flat_grads
     if reduction == "mean":
         merged = torch.where(shared, merged / k, merged)
-    return merged, weights.float()
+    return merged
+
+
+def _merge(flat_grads: Tensor, gram: Tensor, shared: Tensor, reduction: str,
+           generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Merged flat gradient and the per-loss weights. ``shared`` marks entries every loss reaches."""
+    weights = pcgrad_weights(gram, generator)
+    return merge_flat(flat_grads, weights, shared, reduction), weights.float()
 
 
 # ---------------------------------------------------------------------------- parameter bookkeeping
-class _FlatLayout:
+class FlatLayout:
     """Offsets of each parameter inside one flat gradient vector."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
@@ -130,7 +162,7 @@ def backward_all_reduced(loss: Tensor, params: Sequence[Tensor]) -> None:
 
     Parameters the loss does not reach get ``None``, as after a plain backward (in every rank alike).
     """
-    layout = _FlatLayout(params)
+    layout = FlatLayout(params)
     grads = torch.autograd.grad(loss, layout.params, allow_unused=True)
     flat = torch.empty(layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device)
     reached = layout.flatten_into(flat, grads)
@@ -138,7 +170,7 @@ def backward_all_reduced(loss: Tensor, params: Sequence[Tensor]) -> None:
     layout.write_grads(flat, reached)
 
 
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
@@ -152,10 +184,10 @@ def gmd_backward(losses: Sequence[Tensor], params: Sequence[Tensor], *, reductio
     torch.distributed the merged gradient is averaged across ranks with one all-reduce (``sync_distributed``);
     call it on the unwrapped module, since DDP's own hooks do not see ``torch.autograd.grad``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if len(losses) == 0:
         raise ValueError("gmd_backward needs at least one loss")
-    layout = _FlatLayout(params)
+    layout = FlatLayout(params)
     ref = layout.params[0]
     flat = torch.empty(len(losses), layout.numel, dtype=ref.dtype, device=ref.device)
     reached = []
@@ -166,7 +198,7 @@ def gmd_backward(losses: Sequence[Tensor], params: Sequence[Tensor], *, reductio
                    torch.stack([loss.detach().float() for loss in losses]).cpu(), None)
 
 
-def _finish(flat: Tensor, layout: _FlatLayout, reached: list[list[bool]], reduction: str,
+def _finish(flat: Tensor, layout: FlatLayout, reached: list[list[bool]], reduction: str,
             generator: Optional[torch.Generator], sync_distributed: bool, losses: Optional[Tensor],
             subsets: Optional[list]) -> GMDStats:
     gram = flat @ flat.T
@@ -184,7 +216,7 @@ def _finish(flat: Tensor, layout: _FlatLayout, reached: list[list[bool]], reduct
 SubsetLoss = Callable[[object, Subset], Tensor]
 
 
-def ds_branch_outputs(network: nn.Module, x: Tensor) -> list[list[Tensor]]:
+def ds_branch_outputs(network: DSNetwork, x: Tensor) -> list[list[Tensor]]:
     """Forward each modality branch as its own graph: ``out[m][scale]`` of shape ``(B, C, *spatial)``.
 
     Separate graphs let a subset's VJP run through its own branches only, which is where the structured
@@ -193,7 +225,8 @@ def ds_branch_outputs(network: nn.Module, x: Tensor) -> list[list[Tensor]]:
     return network.forward_branch_graphs(x)
 
 
-def _fused(outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
+def fuse_logits(outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
+    """Late fusion: the mean of the subset's branch outputs, at every scale."""
     n = len(subset)
     return [sum(outputs[m][s] for m in subset) / n for s in range(len(outputs[0]))]
 
@@ -203,25 +236,25 @@ def fuses_features(network: nn.Module) -> bool:
     return callable(getattr(network, "decode_subset", None))
 
 
-def subset_outputs(network: nn.Module, outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
+def subset_outputs(network: DSNetwork, outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
     """The network's output for ``subset`` (highest resolution first) from its per-branch graphs."""
     if fuses_features(network):
         return network.decode_subset(outputs, subset)
-    return _fused(outputs, subset)
+    return fuse_logits(outputs, subset)
 
 
 def _as_network_output(fused: list[Tensor], as_list: bool):
     return fused if as_list else fused[0]
 
 
-def ds_subset_losses(network: nn.Module, x: Tensor, subsets: Sequence[Subset], subset_loss: SubsetLoss) -> list[Tensor]:
+def ds_subset_losses(network: DSNetwork, x: Tensor, subsets: Sequence[Subset], subset_loss: SubsetLoss) -> list[Tensor]:
     """One forward, the loss of each subset's fused output (for the no-decoupling "DS" ablation)."""
     outputs = ds_branch_outputs(network, x)
     as_list = network.uses_deep_supervision()
     return [subset_loss(_as_network_output(subset_outputs(network, outputs, s), as_list), s) for s in subsets]
 
 
-def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], subset_loss: SubsetLoss, *,
+def ds_gmd_backward(network: DSNetwork, x: Tensor, subsets: Sequence[Subset], subset_loss: SubsetLoss, *,
                     reduction: str = "mean", generator: Optional[torch.Generator] = None,
                     sync_distributed: bool = True) -> GMDStats:
     """Exact GMD for a Dynamic Sharing network over ``subsets`` in one forward pass.
@@ -234,13 +267,13 @@ def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], su
     (``decode_subset``) the encoder branches run once as separate graphs; per subset the features are fused and
     decoded, and one VJP runs through the decoder and that subset's encoder branches.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if len(subsets) == 0:
         raise ValueError("ds_gmd_backward needs at least one subset")
     names = [n for n, p in network.named_parameters() if p.requires_grad]
     owner_by_name = network.modality_of_parameters()
     owners = [owner_by_name[n] for n in names]
-    layout = _FlatLayout([p for p in network.parameters() if p.requires_grad])
+    layout = FlatLayout([p for p in network.parameters() if p.requires_grad])
     as_list = network.uses_deep_supervision()
 
     outputs = ds_branch_outputs(network, x)
@@ -258,7 +291,7 @@ def ds_gmd_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], su
             reached.append([owner is None or owner in subset for owner in owners])
             losses.append(loss.detach().float())
             continue
-        leaves = [f.detach().requires_grad_() for f in _fused(outputs, subset)]
+        leaves = [f.detach().requires_grad_() for f in fuse_logits(outputs, subset)]
         loss = subset_loss(_as_network_output(leaves, as_list), subset)
         # scales the loss ignores (nnU-Net weights the lowest deep-supervision output 0) get no cotangent
         cotangents = torch.autograd.grad(loss, leaves, allow_unused=True)

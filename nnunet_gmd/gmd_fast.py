@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from nnunet_gmd.gmd import (GMDStats, SubsetLoss, all_reduce_mean_, _check_reduction, _FlatLayout,
-                            ds_gmd_backward, ds_subset_losses)
+from nnunet_gmd.gmd import (FlatLayout, GMDStats, SubsetLoss, all_reduce_mean_, check_reduction, ds_gmd_backward,
+                            ds_subset_losses)
 from nnunet_gmd.subsets import Subset
 
 
@@ -49,10 +49,10 @@ def weighted_ds_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset
     Same contract as :func:`nnunet_gmd.gmd.ds_gmd_backward` (unwrapped DS network, ``subset_loss`` may return a
     GradScaler-scaled loss). Returns the detached subset losses, shape ``(K,)``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if len(subsets) == 0 or len(weights) != len(subsets):
         raise ValueError(f"need one weight per subset, got {len(weights)} weights for {len(subsets)} subsets")
-    layout = _FlatLayout([p for p in network.parameters() if p.requires_grad])
+    layout = FlatLayout([p for p in network.parameters() if p.requires_grad])
     losses = ds_subset_losses(network, x, subsets, subset_loss)
     w = weights.detach().to(device=losses[0].device, dtype=losses[0].dtype)
     total = (w * torch.stack(losses)).sum()
@@ -91,7 +91,7 @@ class AmortizedGMD:
     def __init__(self, interval: int = 16, reduction: str = "mean") -> None:
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.interval = interval
         self.reduction = reduction
         self.step = 0

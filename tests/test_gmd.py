@@ -233,3 +233,30 @@ def test_grad_scaler_step_matches_unscaled_step_and_skips_infinite_steps():
                    nonlin=nn.LeakyReLU, deep_supervision=False)
     assert all(torch.equal(a, b) for a, b in zip(poisoned.parameters(), fresh.parameters()))
     assert scaler.get_scale() < 2.0 ** 12
+
+
+@pytest.mark.parametrize("fusion", ["logits", "mean"])
+def test_ds_networks_satisfy_the_protocol_and_unit_weights_are_the_ds_mean(fusion):
+    from nnunet_gmd.gmd import DSNetwork, FlatLayout, merge_flat, pcgrad_weights
+
+    net = tiny_ds(fusion=fusion)
+    assert isinstance(net, DSNetwork)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64, generator=seeded(1))
+    subsets = all_subsets(4)
+    loss = conflicting_subset_loss(0)
+    params = list(net.parameters())
+    layout = FlatLayout(params)
+    losses = ds_subset_losses(net, x, subsets, loss)
+    flat = torch.zeros(len(subsets), layout.numel, dtype=torch.float64)
+    for k, value in enumerate(losses):
+        layout.flatten_into(flat[k], torch.autograd.grad(value, params, retain_graph=True, allow_unused=True))
+    # the DS ablation (mean of the subset losses) is the same merge with weights 1 ...
+    expected = torch.autograd.grad(torch.stack(losses).mean(), params, allow_unused=True)
+    merged = merge_flat(flat, torch.ones(len(subsets), dtype=torch.float64), torch.ones(layout.numel).bool(), "mean")
+    want = torch.zeros(layout.numel, dtype=torch.float64)
+    layout.flatten_into(want, expected)
+    torch.testing.assert_close(merged, want)
+    # ... and with no conflict, PCGrad's weights are 1 too
+    gram = flat @ flat.T
+    weights = pcgrad_weights(gram.abs(), seeded(0))
+    torch.testing.assert_close(weights, torch.ones(len(subsets), dtype=torch.float64))

@@ -182,6 +182,25 @@ def test_inference_with_flair_absent_writes_the_case_on_its_geometry(inferred, t
     assert_same_geometry(inferred / "Phantom_002.nii.gz", trained / "data" / "Phantom_002" / "Phantom_002_t1.nii.gz")
 
 
+def test_a_truncated_file_is_one_line_naming_it_and_earlier_cases_are_kept(trained):
+    """It used to end in a 326-line MONAI traceback that named neither case nor file."""
+    data = trained / "bad_data"
+    for name in ("Phantom_000", "Phantom_001"):   # sorted: Phantom_000 runs first and is written
+        shutil.copytree(trained / "data" / name, data / name, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
+    t2 = data / "Phantom_001" / "Phantom_001_t2.nii.gz"
+    t2.write_bytes(t2.read_bytes()[:300])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           configs("inference", "monai_bundle/configs"), "--bundle_root", "monai_bundle",
+                           "--dataset_dir", str(data), "--output_dir", str(trained / "bad_pred"),
+                           "--ckpt_path", str(trained / "models" / "model.pt"), *TINY, "--roi_size", str(list(SHAPE))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnunet-gmd inference: error: cannot read ") and str(t2) in last and "truncated" in last
+    assert (trained / "bad_pred" / "Phantom_000.nii.gz").is_file()
+
+
 def test_evaluate_writes_15_subset_report_consistent_with_inference(inferred, trained):
     case = trained / "data" / "Phantom_002"
     datalist = {"testing": [{"case": "Phantom_002", **{m: str(case / f"Phantom_002_{m}.nii.gz") for m in MODALITIES},

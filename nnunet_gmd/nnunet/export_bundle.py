@@ -270,7 +270,8 @@ def inference_config(source: SourceModel) -> dict[str, Any]:
             "val_handlers": "@handlers",
             "amp": False,
         },
-        "run": ["$@evaluator.run()"],
+        "run_workflow": {"_target_": "nnunet_gmd.monai.io.run_workflow", "_mode_": "callable"},
+        "run": ["$@run_workflow(@evaluator, 'inference')"],
     }
 
 
