@@ -170,6 +170,17 @@ def test_nan_voxels_are_refused_naming_the_file_in_both_integrations(tmp_path):
     assert nifti_problem(flair, check_finite=True) == "contains 1 NaN or infinite voxel(s)"
 
 
+def test_label_maps_outside_brats_labels_are_refused_naming_the_file():
+    from nnunet_gmd.monai import CheckBratsLabelsd
+
+    ok = MetaTensor(torch.tensor([[[[0, 1], [2, 4]]]]), meta={"filename_or_obj": "/d/A/A_seg.nii.gz"})
+    assert CheckBratsLabelsd()({"case": "A", "label": ok})["label"] is ok
+    brats2023 = MetaTensor(torch.tensor([[[[0, 1], [2, 3]]]]), meta={"filename_or_obj": "/d/B/B_seg.nii.gz"})
+    with pytest.raises(CaseListError, match=r"case 'B': label \(/d/B/B_seg.nii.gz\) has label values \[0, 1, 2, 3\]; "
+                                            r"expected BraTS labels 0/1/2/4 \(3 is BraTS 2023"):
+        CheckBratsLabelsd()({"case": "B", "label": brats2023})
+
+
 def test_apply_subset_zeroes_and_narrows_the_mask():
     image = MetaTensor(torch.ones(4, 2, 2, 2))
     out = ApplySubsetd()({"case": "c", "image": image, "available": torch.ones(4, dtype=torch.bool),

@@ -100,8 +100,50 @@ def test_labelled_case_must_have_every_sequence(brats_src, tmp_path, capsys):
     (src / case.name).mkdir(parents=True)
     for m in ("t1", "t1ce", "flair", "seg"):
         (src / case.name / f"{case.name}_{m}.nii.gz").write_bytes((case / f"{case.name}_{m}.nii.gz").read_bytes())
-    _one_line_error(capsys, _convert(src, tmp_path / "raw"), case.name, "lacks t2")
+    _one_line_error(capsys, _convert(src, tmp_path / "raw"), case.name, "lacks t2", f"{case.name}_t2.nii.gz",
+                    "--allow-missing")
     assert not (tmp_path / "raw" / "Dataset042_BraTS").exists()
+
+
+def _incomplete_dataset(brats_src: Path, dest: Path, drop: dict[str, tuple[str, ...]]) -> Path:
+    """A copy of the phantoms, without the sequences ``drop`` names per case index."""
+    for i, case in enumerate(sorted(brats_src.iterdir())):
+        (dest / case.name).mkdir(parents=True)
+        for f in case.iterdir():
+            if not any(f.name.endswith(f"_{m}.nii.gz") for m in drop.get(str(i), ())):
+                (dest / case.name / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_allow_missing_writes_zero_images_and_the_availability_record(brats_src, tmp_path, capsys):
+    src = _incomplete_dataset(brats_src, tmp_path / "src", {"0": ("t1ce",), "1": ("t1", "t2")})
+    assert _convert(src, tmp_path / "raw", "--allow-missing") == 0
+    assert "2 training case(s) lack sequences" in capsys.readouterr().out
+    ds = tmp_path / "raw" / "Dataset042_BraTS"
+    names = sorted(p.name for p in brats_src.iterdir())
+    record = json.loads((ds / "modality_availability.json").read_text())
+    assert record == {names[0]: ["t1", "t2", "flair"], names[1]: ["t1ce", "flair"],
+                      names[2]: ["t1", "t1ce", "t2", "flair"]}
+    zero = sitk.ReadImage(str(ds / "imagesTr" / f"{names[0]}_0001.nii.gz"))
+    ref = sitk.ReadImage(str(brats_src / names[0] / f"{names[0]}_t1.nii.gz"))
+    assert not _array(ds / "imagesTr" / f"{names[0]}_0001.nii.gz").any()
+    assert zero.GetSize() == ref.GetSize() and zero.GetSpacing() == ref.GetSpacing()
+    assert zero.GetOrigin() == ref.GetOrigin() and zero.GetDirection() == ref.GetDirection()
+    np.testing.assert_array_equal(_array(ds / "imagesTr" / f"{names[0]}_0000.nii.gz"),
+                                  sitk.GetArrayFromImage(ref))
+    assert len(list((ds / "imagesTr").glob("*.nii.gz"))) == 12   # every channel file nnU-Net expects
+    # without the flag: nothing is written, and the error says how to go on
+    _one_line_error(capsys, _convert(src, tmp_path / "raw2"), names[0], "lacks t1ce", "--allow-missing")
+    # complete data with the flag: a record of complete cases, images unchanged
+    assert _convert(brats_src, tmp_path / "raw3", "--allow-missing") == 0
+    full = json.loads((tmp_path / "raw3" / "Dataset042_BraTS" / "modality_availability.json").read_text())
+    assert all(v == ["t1", "t1ce", "t2", "flair"] for v in full.values())
+
+
+def test_allow_missing_still_refuses_a_case_without_any_sequence(brats_src, tmp_path, capsys):
+    src = _incomplete_dataset(brats_src, tmp_path / "src", {"2": ("t1", "t1ce", "t2", "flair")})
+    name = sorted(p.name for p in brats_src.iterdir())[2]
+    _one_line_error(capsys, _convert(src, tmp_path / "raw", "--allow-missing"), name, "no image files")
 
 
 def test_bad_files_are_named(brats_src, tmp_path, capsys):
@@ -190,3 +232,25 @@ def test_existing_dataset_and_id_clash(brats_src, tmp_path, capsys):
                                   "--raw-dir", str(tmp_path / "raw")]), "already used by", "Dataset042_BraTS")
     assert _convert(brats_src, tmp_path / "raw", "--overwrite") == 0
     _one_line_error(capsys, _convert(tmp_path / "raw", tmp_path / "raw2"), "no BraTS case folders")
+
+
+REAL_BRATS2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2018"
+
+
+def test_allow_missing_on_a_real_brats2018_case_without_t1ce(tmp_path, capsys):
+    cases = sorted(p for p in REAL_BRATS2018.glob("Brats18_*") if p.is_dir()) if REAL_BRATS2018.is_dir() else []
+    if not cases:
+        pytest.skip(f"real BraTS 2018 cases not found in {REAL_BRATS2018} (../shared/data is not part of the repo)")
+    case = cases[0]
+    src = tmp_path / "src" / case.name
+    src.mkdir(parents=True)
+    for f in case.glob("*.nii.gz"):
+        if not f.name.endswith("_t1ce.nii.gz"):
+            (src / f.name).symlink_to(f)
+    _one_line_error(capsys, _convert(src.parent, tmp_path / "raw"), case.name, "lacks t1ce", "--allow-missing")
+    assert _convert(src.parent, tmp_path / "raw", "--allow-missing") == 0
+    ds = tmp_path / "raw" / "Dataset042_BraTS"
+    assert json.loads((ds / "modality_availability.json").read_text()) == {case.name: ["t1", "t2", "flair"]}
+    zero = sitk.ReadImage(str(ds / "imagesTr" / f"{case.name}_0001.nii.gz"))
+    assert zero.GetSize() == (240, 240, 155) and not sitk.GetArrayViewFromImage(zero).any()
+

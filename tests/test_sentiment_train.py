@@ -55,7 +55,10 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     common = dict(dataset="mosi", method="gmd", subsets_per_step=3, hidden=16, layers=1, heads=2, batch_size=16)
     straight = train(data, TrainConfig(epochs=3, **common), tmp_path / "straight", progress=False)
     train(data, TrainConfig(epochs=1, **common), tmp_path / "split", progress=False)
+    killed = tmp_path / "split" / ".training_curve.png.x1y2z3.tmp"   # what a kill during a save leaves
+    killed.write_bytes(b"half a png")
     resumed = train(data, TrainConfig(epochs=3, **common), tmp_path / "split", resume=True, progress=False)
+    assert not killed.exists() and not list((tmp_path / "split").glob(".*.tmp"))
 
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3 and len(resumed.history) == 3

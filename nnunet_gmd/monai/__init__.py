@@ -16,9 +16,9 @@ from nnunet_gmd.monai.gmd_update import GMDIterationUpdate, training_scalars
 from nnunet_gmd.monai.handlers import PolyLRHandler
 from nnunet_gmd.monai.inferers import AvailabilitySlidingWindowInferer
 from nnunet_gmd.monai.report import MissingModalityReport
-from nnunet_gmd.monai.transforms import ApplySubsetd, RegionsToBratsLabelsd, StackModalitiesd
+from nnunet_gmd.monai.transforms import ApplySubsetd, CheckBratsLabelsd, RegionsToBratsLabelsd, StackModalitiesd
 
 __all__ = ["brats", "data", "gmd_update", "handlers", "inferers", "io", "nnunet_plan", "report", "transforms", "MODALITIES", "REGION_KEYS",
            "REGION_NAMES", "CaseListError", "expand_subsets", "load_cases", "split_train_val",
            "GMDIterationUpdate", "training_scalars", "PolyLRHandler", "AvailabilitySlidingWindowInferer", "MissingModalityReport",
-           "ApplySubsetd", "RegionsToBratsLabelsd", "StackModalitiesd"]
+           "ApplySubsetd", "CheckBratsLabelsd", "RegionsToBratsLabelsd", "StackModalitiesd"]

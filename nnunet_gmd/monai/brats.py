@@ -17,3 +17,7 @@ REGION_NAMES: dict[str, str] = {"tc": "tumor core", "wt": "whole tumor", "et": "
 
 #: BraTS label written where a region is the innermost one predicted; later entries win (WT, then TC, then ET).
 REGION_TO_BRATS_LABEL: dict[str, int] = {"wt": 2, "tc": 1, "et": 4}
+
+#: Label values of a BraTS 2018-2021 segmentation (MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` reads
+#: enhancing tumour as 4; a BraTS 2023 map uses 3 and would silently give an empty enhancing-tumour reference).
+BRATS_LABELS: tuple[int, ...] = (0, 1, 2, 4)

@@ -15,7 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from nnunet_gmd.monai.brats import MODALITIES, REGION_KEYS, REGION_TO_BRATS_LABEL
+from nnunet_gmd.monai.brats import BRATS_LABELS, MODALITIES, REGION_KEYS, REGION_TO_BRATS_LABEL
 from nnunet_gmd.monai.data import CASE_KEY, SUBSET_KEY, CaseListError
 from nnunet_gmd.nifti import cannot, nonfinite_problem
 from nnunet_gmd.subsets import subset_mask
@@ -77,6 +77,31 @@ class StackModalitiesd(MapTransform):
         d[self.image_key] = MetaTensor(torch.cat([c.as_tensor() if isinstance(c, MetaTensor) else c
                                                   for c in channels]), meta=meta)
         d[self.mask_key] = torch.tensor([k in present for k in self.keys], dtype=torch.bool)
+        return d
+
+
+class CheckBratsLabelsd(MapTransform):
+    """Refuse a label map with values outside BraTS 2018-2021's 0/1/2/4, naming the case and the file.
+
+    Without it a BraTS 2023 map (3 = enhancing tumour) trains and scores against an empty enhancing tumour.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", allowed: Sequence[int] = BRATS_LABELS,
+                 case_key: str = CASE_KEY) -> None:
+        super().__init__(keys)
+        self.allowed = tuple(int(v) for v in allowed)
+        self.case_key = case_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = sorted(int(v) for v in torch.unique(torch.as_tensor(d[key])).tolist())
+            extra = [v for v in values if v not in self.allowed]
+            if extra:
+                hint = " (3 is BraTS 2023's enhancing tumour: map it to 4)" if extra == [3] else ""
+                raise CaseListError(f"case {d.get(self.case_key, '<unnamed case>')!r}: {_describe(d[key], str(key))} "
+                                    f"has label values {values}; expected BraTS labels "
+                                    f"{'/'.join(map(str, self.allowed))}{hint}")
         return d
 
 

@@ -168,7 +168,8 @@ def _convert_brats(args: argparse.Namespace) -> int:
     from nnunet_gmd.nnunet.convert_brats import convert_brats, summary
 
     target = convert_brats(Path(args.src), args.dataset_id, args.name,
-                           raw_root=Path(args.raw_dir) if args.raw_dir else None, overwrite=args.overwrite)
+                           raw_root=Path(args.raw_dir) if args.raw_dir else None, overwrite=args.overwrite,
+                           allow_missing=args.allow_missing)
     print(summary(target))
     return 0
 
@@ -258,4 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="BraTS", help="dataset name (default BraTS)")
     p.add_argument("--raw-dir", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that id and name")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="accept labelled cases that lack sequences: each is written as a zero image, and "
+                        "modality_availability.json records what was really there (for the DS/GMD trainers)")
     p.set_defaults(func=_convert_brats)

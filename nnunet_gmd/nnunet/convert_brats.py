@@ -6,8 +6,12 @@ of nnU-Net's own BraTS conversion (``nnunetv2/dataset_conversion/Dataset137_BraT
 channels t1, t1ce, t2, flair; labels 1 edema, 2 necrosis/non-enhancing core, 3 enhancing tumor; regions
 whole tumor (1, 2, 3), tumor core (2, 3), enhancing tumor (3,).
 
-Cases with a segmentation go to imagesTr/labelsTr and need all four sequences (nnU-Net trains on all channels).
-Cases without one go to imagesTs and may lack sequences: that is what ``nnunet-gmd predict`` is for.
+Cases with a segmentation go to imagesTr/labelsTr and need all four sequences (nnU-Net trains on all channels),
+unless ``allow_missing``: then a sequence a labelled case lacks is written as a zero image on the case's grid
+(nnU-Net's planning and preprocessing run unchanged), and ``modality_availability.json`` in the dataset folder
+records what was really there (case id -> available channel names). Our DS/GMD trainers read that record; for
+stock nnU-Net the zeros are what a user would feed it today.
+Cases without a segmentation go to imagesTs and may lack sequences: that is what ``nnunet-gmd predict`` is for.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from nnunetv2.dataset_conversion.Dataset137_BraTS21 import convert_labels_back_t
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from tqdm import tqdm
 
+from nnunet_gmd.atomic import write_json
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.nifti import cannot, nifti_problem
 
@@ -110,6 +115,9 @@ def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(round(float(v), 4) for v in values)
 
 
+TRAINING_AVAILABILITY_FILE = "modality_availability.json"
+
+
 def check_case(case: BratsCase, need_all_channels: bool) -> None:
     """Same grid for every file of a case; all four sequences where nnU-Net will train on the case."""
     if not case.channels:
@@ -117,7 +125,8 @@ def check_case(case: BratsCase, need_all_channels: bool) -> None:
     missing = [c for c in CHANNEL_NAMES.values() if c not in case.channels]
     if need_all_channels and missing:
         raise UserError(f"case {case.case_id}: labelled training case lacks {', '.join(missing)} "
-                        f"(nnU-Net trains on all four sequences)")
+                        f"(no {case.case_id}_{missing[0]}.nii.gz; nnU-Net trains on all four sequences). Pass "
+                        f"--allow-missing to train on incomplete cases: the DS/GMD trainers then skip what is absent")
     files = list(case.channels.values()) + ([case.seg] if case.seg is not None else [])
     for f in files:
         problem = nifti_problem(f, check_finite=True)   # NaN voxels would silently read as 0 in nnU-Net
@@ -188,6 +197,18 @@ def _copy_image(src: Path, dst: Path) -> None:
         sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), True)
 
 
+def _write_zero_image(reference: Path, dst: Path) -> None:
+    """An all-zero image on ``reference``'s grid (size, spacing, origin, direction)."""
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(reference))
+    info.ReadImageInformation()
+    zero = sitk.Image(list(info.GetSize()), sitk.sitkUInt8)
+    zero.SetSpacing(info.GetSpacing())
+    zero.SetOrigin(info.GetOrigin())
+    zero.SetDirection(info.GetDirection())
+    sitk.WriteImage(zero, str(dst), True)
+
+
 def _convert_seg(case: BratsCase, dst: Path, convention: str) -> None:
     try:
         img = sitk.ReadImage(str(case.seg))
@@ -210,7 +231,7 @@ def _raw_root(raw_root: Optional[Path]) -> Path:
 
 
 def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Optional[Path] = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, allow_missing: bool = False) -> Path:
     """Write ``<raw_root>/DatasetNNN_NAME`` from the BraTS folder ``src``; returns the dataset folder.
 
     The dataset is assembled in a hidden sibling folder and moved into place at the end, so an interrupted run
@@ -241,7 +262,7 @@ def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Opt
 
     cases = find_cases(src)
     for case in tqdm(cases, desc="checking cases", unit="case"):
-        check_case(case, need_all_channels=case.seg is not None)
+        check_case(case, need_all_channels=case.seg is not None and not allow_missing)
     labelled = [c for c in cases if c.seg is not None]
     convention = _dataset_convention(cases)
 
@@ -250,6 +271,9 @@ def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Opt
         shutil.rmtree(tmp)
     try:
         _write_cases(cases, tmp, folder_name, convention)
+        if allow_missing:
+            write_json(tmp / TRAINING_AVAILABILITY_FILE,
+                       {c.case_id: [n for n in CHANNEL_NAMES.values() if n in c.channels] for c in labelled})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no hidden half-written dataset after an error
         raise
@@ -283,9 +307,13 @@ def _write_cases(cases: list[BratsCase], tmp: Path, folder_name: str, convention
         (tmp / sub).mkdir(parents=True)
     for case in tqdm(cases, desc=f"converting to {folder_name}", unit="case"):
         images = tmp / ("imagesTr" if case.seg is not None else "imagesTs")
+        reference = next(iter(case.channels.values()))
         for index, channel in CHANNEL_NAMES.items():
+            target = images / f"{case.case_id}_{index:04d}.nii.gz"
             if channel in case.channels:
-                _copy_image(case.channels[channel], images / f"{case.case_id}_{index:04d}.nii.gz")
+                _copy_image(case.channels[channel], target)
+            elif case.seg is not None:   # --allow-missing: nnU-Net needs every channel file of a training case
+                _write_zero_image(reference, target)
         if case.seg is not None:
             _convert_seg(case, tmp / "labelsTr" / f"{case.case_id}.nii.gz", convention)
 
@@ -295,4 +323,10 @@ def summary(dataset_folder: Path) -> str:
     ds = json.loads((dataset_folder / "dataset.json").read_text())
     n_test = len({p.name.rsplit("_", 1)[0] for p in (dataset_folder / "imagesTs").glob("*.nii.gz")}) \
         if (dataset_folder / "imagesTs").is_dir() else 0
-    return f"wrote {dataset_folder} ({ds['numTraining']} training cases, {n_test} unlabelled cases in imagesTs)"
+    line = f"wrote {dataset_folder} ({ds['numTraining']} training cases, {n_test} unlabelled cases in imagesTs)"
+    record = dataset_folder / TRAINING_AVAILABILITY_FILE
+    if record.is_file():
+        cases = json.loads(record.read_text())
+        incomplete = sum(len(v) < len(CHANNEL_NAMES) for v in cases.values())
+        line += f"; {incomplete} training case(s) lack sequences (zero images, listed in {record.name})"
+    return line

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from nnunet_gmd.gmd import REDUCTIONS, GMDStats, gmd_backward  # noqa: E402
 from nnunet_gmd.sentiment import MODALITIES, SHORT_NAMES  # noqa: E402
-from nnunet_gmd.atomic import save_figure, write_json  # noqa: E402
+from nnunet_gmd.atomic import leftover_temp_files, save_figure, write_json  # noqa: E402
 from nnunet_gmd.sentiment.batching import SplitTensors, feature_statistics  # noqa: E402
 from nnunet_gmd.sentiment.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nnunet_gmd.sentiment.data import SentimentData  # noqa: E402
@@ -291,6 +291,9 @@ def train(data: SentimentData, config: TrainConfig, out_dir: str | Path, resume:
     elif last_path.exists():
         raise TrainingError(f"{out} already holds a training run (last.pt); pass --resume to continue it or "
                             f"choose another --out")
+    if out.is_dir():
+        for leftover in leftover_temp_files(out):   # a run killed mid-write (a checkpoint, the curve PNG)
+            leftover.unlink()
 
     model = make_model(config, data.feature_dims)
     trainer = Trainer(model, SplitTensors(data.splits["train"]), SplitTensors(data.splits["valid"]), config, device)
