@@ -66,16 +66,23 @@ class SubsetSampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(torch.initial_seed() % 2**63 if seed is None else seed)
 
-    def sample(self) -> list[Subset]:
-        if self.k is None or self.k == len(self.subsets):
-            return list(self.subsets)
+    def sample(self, allowed: Optional[Sequence[Subset]] = None) -> list[Subset]:
+        """This step's subsets. ``allowed`` restricts the draw to the subsets a batch can supply (a batch of
+        incomplete cases cannot supply every subset); ``include_full`` then holds only when the full set is
+        allowed, and fewer than ``k`` come back when fewer are allowed."""
+        subsets = self.subsets if allowed is None else [s for s in self.subsets if s in set(allowed)]
+        if not subsets:
+            return []
         full = self.subsets[-1]
-        pool = self.subsets[:-1] if self.include_full else self.subsets
-        n = self.k - 1 if self.include_full else self.k
+        if self.k is None or self.k >= len(subsets):
+            return list(subsets)
+        include_full = self.include_full and full in subsets
+        pool = [s for s in subsets if s != full] if include_full else subsets
+        n = self.k - 1 if include_full else self.k
         picked = torch.randperm(len(pool), generator=self.generator)[:n].tolist()
         chosen = sorted(picked)
         out = [pool[i] for i in chosen]
-        return out + [full] if self.include_full else out
+        return out + [full] if include_full else out
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

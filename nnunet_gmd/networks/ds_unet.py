@@ -295,12 +295,16 @@ class DSNetworkBase(nn.Module):
 
     @torch.jit.unused
     def set_default_available(self, available: Optional[Tensor]) -> None:
-        """Availability used when ``forward`` is called without a mask (nnU-Net's predictor calls ``network(x)``)."""
+        """Availability used when ``forward`` is called without a mask (nnU-Net's predictor calls ``network(x)``).
+
+        ``(M,)`` for every sample, or ``(B, M)`` for one batch of known size (nnU-Net's validation step).
+        """
         if available is not None:
             available = available.to(torch.bool)
-            if available.dim() != 1 or available.numel() != self.num_modalities or not bool(available.any()):
-                raise ValueError(f"default availability must be a non-empty ({self.num_modalities},) mask, "
-                                 f"got {available.tolist()}")
+            shape_ok = available.dim() in (1, 2) and available.shape[-1] == self.num_modalities
+            if not shape_ok or not bool(available.reshape(-1, self.num_modalities).any(1).all()):
+                raise ValueError(f"default availability must be a ({self.num_modalities},) or (B, "
+                                 f"{self.num_modalities}) mask with a modality in every row, got {available.tolist()}")
         self._default_available = available
 
 

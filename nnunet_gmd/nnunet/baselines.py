@@ -19,7 +19,7 @@ from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived
 from nnunet_gmd.subsets import all_subsets, subset_mask
 
 __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerModalityDropout", "nnUNetTrainerBudget_smoke",
-           "nnUNetTrainerModalityDropout_smoke"]
+           "nnUNetTrainerModalityDropout_smoke", "nnUNetTrainerBudget_complete", "nnUNetTrainerBudget_complete_smoke"]
 
 
 def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -36,7 +36,42 @@ def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> to
 
 
 class nnUNetTrainerBudget(PackageTrainer, nnUNetTrainer):
-    """Stock nnU-Net training, with the budget taken from ``NNUNET_GMD_*`` environment variables."""
+    """Stock nnU-Net training, with the budget taken from ``NNUNET_GMD_*`` environment variables.
+
+    With a ``modality_availability.json`` the channels a case lacks are zero in its batches (what a user feeds
+    stock nnU-Net today: zero-filled files give zeros after normalisation too), also when the record marks
+    sequences absent whose files are there (``benchmark brats --drop-train``).
+    """
+
+    def _zero_absent(self, batch: dict) -> dict:
+        mask = self._batch_availability(batch)
+        if mask is None:
+            return batch
+        keep = mask.view(*mask.shape, *([1] * (batch["data"].ndim - 2)))
+        return {**batch, "data": batch["data"] * keep.to(batch["data"].dtype)}
+
+    def train_step(self, batch: dict) -> dict:
+        return super().train_step(self._zero_absent(batch))
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step(self._zero_absent(batch))
+
+
+class nnUNetTrainerBudget_complete(nnUNetTrainerBudget):
+    """Stock nnU-Net on the complete training cases only: every case ``modality_availability.json`` marks
+    incomplete is left out of training (validation keeps its cases)."""
+
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()
+        table = self.training_availability or {}
+        n = len(self.dataset_json["channel_names"])
+        complete = [k for k in tr_keys if k not in table or len(table[k]) == n]
+        if not complete:
+            raise ValueError("every training case of this fold lacks a sequence; nothing is left to train on")
+        if len(complete) < len(tr_keys):
+            self.print_to_log_file(f"training on the {len(complete)} complete of {len(tr_keys)} training cases "
+                                   f"(modality_availability.json)", also_print_to_console=True)
+        return complete, val_keys
 
 
 class nnUNetTrainerModalityDropout(nnUNetTrainerBudget):
@@ -63,4 +98,8 @@ class nnUNetTrainerBudget_smoke(nnUNetTrainerBudget):
 class nnUNetTrainerModalityDropout_smoke(nnUNetTrainerModalityDropout):
     """Two tiny epochs, for tests (the budget variables still win when set)."""
 
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerBudget_complete_smoke(nnUNetTrainerBudget_complete):
     budget = SMOKE_BUDGET

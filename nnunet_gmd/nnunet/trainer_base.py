@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nnunet_gmd.atomic import atomic_path, leftover_temp_files
+from nnunet_gmd.availability import AVAILABILITY_FILE, batch_mask, load_availability
 from nnunet_gmd.networks import unwrap
 
 FINAL_VALIDATION_ENV = "NNUNET_GMD_FINAL_VALIDATION"
@@ -223,6 +224,33 @@ class PackageTrainer:
             setattr(self, attribute, value)
         apply_budget_from_env(self)
         self.nonfinite_guard = NonFiniteStepGuard(self.max_nonfinite_steps)
+        self.training_availability = self._load_training_availability(dataset_json)
+
+    # ------------------------------------------------------------------ incomplete training cases
+    def _availability_files(self) -> list[str]:
+        from nnunetv2.paths import nnUNet_raw
+
+        raw = [os.path.join(nnUNet_raw, self.plans_manager.dataset_name, AVAILABILITY_FILE)] if nnUNet_raw else []
+        return raw + [os.path.join(self.preprocessed_dataset_folder_base, AVAILABILITY_FILE)]
+
+    def _load_training_availability(self, dataset_json: dict) -> Optional[dict[str, tuple[int, ...]]]:
+        """The dataset's ``modality_availability.json`` (raw folder first, then preprocessed), or None."""
+        names = [str(n) for _, n in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
+        for path in self._availability_files():
+            if os.path.isfile(path):
+                table = load_availability(path, names)
+                incomplete = sum(len(v) < len(names) for v in table.values())
+                self.print_to_log_file(f"modality availability from {path}: {incomplete} of {len(table)} listed "
+                                       f"training cases lack sequences", also_print_to_console=True)
+                return table
+        return None
+
+    def _batch_availability(self, batch: dict) -> Optional[torch.Tensor]:
+        """``(B, M)`` mask of the channels each sample really has, or None when the batch is complete."""
+        if not self.training_availability or "keys" not in batch:
+            return None
+        mask = batch_mask(list(batch["keys"]), self.training_availability, batch["data"].shape[1])
+        return None if bool(mask.all()) else mask
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> Optional[dict]:

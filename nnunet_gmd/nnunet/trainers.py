@@ -26,6 +26,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
+from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
 from nnunet_gmd.gmd import GMDStats, backward_all_reduced, ds_gmd_backward, ds_subset_losses
 from nnunet_gmd.gmd_fast import AmortizedGMD, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase, unwrap
@@ -109,6 +110,36 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
             target = target.to(self.device, non_blocking=True)
         return data, target
 
+    # ------------------------------------------------------------------ incomplete cases
+    def _step_subsets(self, mask: Optional[torch.Tensor]) -> list:
+        """This step's subsets; with incomplete cases only those some sample of the batch can supply."""
+        if mask is None:
+            return self.subset_sampler.sample()
+        return self.subset_sampler.sample(allowed=supported_subsets(self.subset_sampler.subsets, mask))
+
+    def _subset_loss(self, target, mask: Optional[torch.Tensor], scaler=None):
+        """nnU-Net's loss of one subset's output; with incomplete cases over the samples that have the subset."""
+        def subset_loss(output, subset):
+            if mask is None:
+                loss = self.loss(output, target)
+            else:
+                rows = samples_supplying(subset, mask)
+                loss = self.loss(select_samples(output, rows), select_samples(target, rows))
+            return scaler.scale(loss) if scaler is not None else loss
+        return subset_loss
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step; an incomplete case runs on the sequences it really has."""
+        mask = self._batch_availability(batch)
+        if mask is None:
+            return super().validation_step(batch)
+        net = self._ds_network()
+        net.set_default_available(mask)
+        try:
+            return super().validation_step(batch)
+        finally:
+            net.set_default_available(None)
+
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
@@ -146,8 +177,9 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
         data, target = self._batch_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         net = self._ds_network()
+        mask = self._batch_availability(batch)
         with self._autocast():
-            losses = ds_subset_losses(net, data, self.subset_sampler.sample(), lambda out, _: self.loss(out, target))
+            losses = ds_subset_losses(net, data, self._step_subsets(mask), self._subset_loss(target, mask))
             loss = torch.stack(losses).mean()
         scaled = self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss
         if self.is_ddp:  # the forward bypassed DDP's wrapper, so average the gradient ourselves, once
@@ -176,14 +208,11 @@ class nnUNetTrainerGMD(nnUNetTrainerDS):
         data, target = self._batch_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.grad_scaler
-
-        def subset_loss(output, _subset):
-            loss = self.loss(output, target)
-            return scaler.scale(loss) if scaler is not None else loss
-
+        mask = self._batch_availability(batch)
         with self._autocast():
-            stats = ds_gmd_backward(self._ds_network(), data, self.subset_sampler.sample(), subset_loss,
-                                    reduction=self.gmd_reduction, generator=self.gmd_generator)
+            stats = ds_gmd_backward(self._ds_network(), data, self._step_subsets(mask),
+                                    self._subset_loss(target, mask, scaler), reduction=self.gmd_reduction,
+                                    generator=self.gmd_generator)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         loss = float(stats.losses.mean()) / scale
         taken = self._optimizer_step(loss, batch)
@@ -324,30 +353,28 @@ class nnUNetTrainerGMD_amortized(nnUNetTrainerGMD):
             raise ValueError(f"objectives must be 'all' or 'unimodal+full', got {self.objectives!r}")
         self.amortized_gmd = AmortizedGMD(self.gmd_interval, self.gmd_reduction)
 
-    def _objectives(self) -> list:
+    def _objectives(self, mask: Optional[torch.Tensor] = None) -> list:
         if self.objectives == "unimodal+full":
-            return unimodal_and_full(self.num_input_channels)
-        return self.subset_sampler.sample()
+            objectives = unimodal_and_full(self.num_input_channels)
+            return objectives if mask is None else supported_subsets(objectives, mask)
+        return self._step_subsets(mask)
 
     def train_step(self, batch: dict) -> dict:
         data, target = self._batch_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.grad_scaler
-
-        def loss_on(tgt):
-            def subset_loss(output, _subset):
-                loss = self.loss(output, tgt)
-                return scaler.scale(loss) if scaler is not None else loss
-            return subset_loss
-
-        subsets = self._objectives()
+        mask = self._batch_availability(batch)
+        subsets = self._objectives(mask)
         gram_input = None
         if self.gram_batch is not None and self.amortized_gmd.needs_refresh(subsets):
             rows = slice(0, self.gram_batch)
-            gram_input = (data[rows], loss_on([t[rows] for t in target] if isinstance(target, list)
-                                              else target[rows]))
+            sub_mask = None if mask is None else mask[rows]
+            if sub_mask is None or all(bool(sub_mask[:, list(s)].all(1).any()) for s in subsets):
+                gram_input = (data[rows], self._subset_loss([t[rows] for t in target] if isinstance(target, list)
+                                                            else target[rows], sub_mask, scaler))
         with self._autocast():
-            step = self.amortized_gmd.backward(self._ds_network(), data, subsets, loss_on(target),
+            step = self.amortized_gmd.backward(self._ds_network(), data, subsets,
+                                               self._subset_loss(target, mask, scaler),
                                                generator=self.gmd_generator, gram_input=gram_input)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         loss = float(step.losses.mean()) / scale
