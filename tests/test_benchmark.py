@@ -93,14 +93,20 @@ def test_benchmark_smoke_on_real_brats_cases(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "NNUNET_GMD_"))}
     proc = subprocess.run(nnunet_gmd_command("benchmark", "brats", "--train", str(train), "--test", str(test),
                                              "-o", str(out), "--preset", "smoke", "--methods", "dropout", "gmd_k5",
-                                             "-device", "cpu"), capture_output=True, text=True, timeout=1200, env=env)
+                                             "stock_complete", "--drop-train", "t1ce=0.5", "-device", "cpu"),
+                          capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     results = json.loads((out / "benchmark_results.json").read_text())
-    assert results["methods"] == ["ModalityDropout", "GMD k=5"]
+    assert results["methods"] == ["ModalityDropout", "GMD k=5", "nnUNet (complete cases)"]
+    # --drop-train: availability only, one of the two training cases has no T1ce for every trainer
+    record = json.loads((out / "nnUNet_raw" / "Dataset991_BraTSBenchmark" / "modality_availability.json").read_text())
+    assert sorted(record) == sorted(TRAIN_CASES) and sum("t1ce" not in v for v in record.values()) == 1
+    log = (out / "logs" / "train_stock_complete.log").read_text()
+    assert "training on the 1 complete of 2 training cases" in log
     assert results["test_cases"] == [TEST_CASE] and results["train_cases"] == list(TRAIN_CASES)
     assert len(results["dice"]) == 15
-    assert all(len(results["dice"][s]) == 3 and len(results["dice"][s]["whole tumor"]) == 2 for s in results["dice"])
+    assert all(len(results["dice"][s]) == 3 and len(results["dice"][s]["whole tumor"]) == 3 for s in results["dice"])
     values = [v for s in results["dice"].values() for r in s.values() for v in r.values()]
     assert all(v is None or 0.0 <= v <= 1.0 for v in values) and any(v is not None for v in values)
     assert results["plans"]["spacing_mm"] == [3.0, 3.0, 3.0]       # reduced resolution via the plans
@@ -109,10 +115,11 @@ def test_benchmark_smoke_on_real_brats_cases(tmp_path):
     md = (out / "benchmark_results.md").read_text()
     assert "training set: 2 cases" in md and "test set: 1 cases" in md and "1 epochs x 2 iterations" in md
     assert md.count("\n| ") >= 2 + 15           # means table rows + one row per subset
+    assert "incomplete training data (--drop-train t1ce=0.5): cases without t1ce 1/2" in md
     assert (out / "benchmark_results.png").stat().st_size > 0
     assert (out / "missing_modality_comparison.png").stat().st_size > 0
     paired = json.loads((out / "paired_differences.json").read_text())    # written from the reports just made
-    assert paired["test_cases"] == [TEST_CASE] and len(paired["differences"]["missing"]) == 1
+    assert paired["test_cases"] == [TEST_CASE] and len(paired["differences"]["missing"]) == 3
     assert paired["differences"]["missing"][0]["method"] == "GMD k=5" and \
         paired["differences"]["missing"][0]["ci_low"] is None           # one test case: no interval
     assert (out / "paired_differences.png").stat().st_size > 0

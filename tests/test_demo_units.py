@@ -41,7 +41,7 @@ def test_methods_are_validated():
         parse_methods(["gdm"])
     with pytest.raises(UserError, match="twice"):
         parse_methods(["gmd", "gmd"])
-    assert set(METHODS) == {"stock", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
+    assert set(METHODS) == {"stock", "stock_complete", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
                             "gmd_amortized_sub", "gmd_m1"}
     from nnunet_gmd.nnunet import baselines, trainers
 
@@ -50,6 +50,23 @@ def test_methods_are_validated():
     assert METHOD_KEYS == tuple(METHODS)
     for method in METHODS.values():  # every method names a trainer class that our nnUNet_extTrainer shim exports
         assert method.trainer in baselines.__all__ + trainers.__all__, method
+
+
+def test_drop_train_is_parsed_and_drawn_reproducibly():
+    from nnunet_gmd.demo.benchmark import dropped_availability, parse_drop_train
+
+    assert parse_drop_train("t1ce=0.5, T1=0.25") == {"t1ce": 0.5, "t1": 0.25}
+    for bad, fragment in [("pd=0.5", "unknown sequence 'pd'"), ("t1ce=1.5", r"fraction in \(0, 1\]"),
+                          ("t1ce", r"fraction in \(0, 1\]"), ("t1=0.1,t1=0.2", "twice"), (",", "expected SEQ")]:
+        with pytest.raises(UserError, match=fragment):
+            parse_drop_train(bad)
+    cases = [f"c{i:02d}" for i in range(16)]
+    keep = dropped_availability(cases, {"t1ce": 0.5, "t1": 0.25})
+    assert keep == dropped_availability(cases, {"t1": 0.25, "t1ce": 0.5})     # the spec's order does not matter
+    assert sum("t1ce" not in v for v in keep.values()) == 8 and sum("t1" not in v for v in keep.values()) == 4
+    assert all("t2" in v and "flair" in v for v in keep.values())
+    everything = dropped_availability(cases[:3], {m: 1.0 for m in ("t1", "t1ce", "t2", "flair")})
+    assert all(len(v) == 1 for v in everything.values())    # never the last sequence
 
 
 def _plans(n_stages: int = 5) -> dict:

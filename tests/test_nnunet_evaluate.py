@@ -153,3 +153,27 @@ def test_evaluate_needs_the_split_and_a_valid_fold(nnunet_paths, ds_model, tmp_p
         assert "splits_final.json does not exist" in capsys.readouterr().err
     finally:
         splits.write_text(saved)
+
+
+def test_a_case_is_scored_only_on_the_subsets_of_its_sequences(nnunet_paths, ds_model, ds_report, tmp_path):
+    """With modality_availability.json (issue 11) a case without T1ce counts only where T1ce is not needed."""
+    report = json.loads((ds_report / "missing_modality_report.json").read_text())
+    assert all(s["n_cases"] == len(report["cases"]) for s in report["subsets"])
+    first = report["cases"][0]
+    record = nnunet_paths.dataset_folder / "modality_availability.json"
+    record.write_text(json.dumps({first: ["t1", "t2", "flair"]}))
+    try:
+        assert _evaluate(DS_TRAINER, tmp_path / "incomplete", "--no-hd95") == 0
+    finally:
+        record.unlink()
+    partial = json.loads((tmp_path / "incomplete" / "missing_modality_report.json").read_text())
+    n = len(report["cases"])
+    for entry in partial["subsets"]:
+        needs_t1ce = "t1ce" in entry["available"]
+        assert entry["n_cases"] == (n - 1 if needs_t1ce else n), entry["available"]
+        folder = tmp_path / "incomplete" / "predictions" / "+".join(entry["available"])
+        assert (folder / f"{first}.nii.gz").is_file() != needs_t1ce
+    # a subset every case has is scored exactly as without the record
+    t2 = next(e for e in partial["subsets"] if e["available"] == ["t2"])["metrics"]
+    t2_before = next(e for e in report["subsets"] if e["available"] == ["t2"])["metrics"]
+    assert {r: b["dice"] for r, b in t2.items()} == pytest.approx({r: b["dice"] for r, b in t2_before.items()})

@@ -8,12 +8,17 @@ statistics).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
+
+from nnunet_gmd.atomic import write_json
+from nnunet_gmd.availability import AVAILABILITY_FILE
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.pipeline import Method, total_steps, train_and_evaluate_all, write_results
 from nnunet_gmd.demo.planning import plan_and_preprocess, write_split
@@ -76,8 +81,53 @@ def split_folder(src: Path, out: Path, n_test: int, seed: int = 0) -> tuple[list
     return train, test
 
 
+SEQUENCES = ("t1", "t1ce", "t2", "flair")   # convert-brats' channel names
+DROP_SEED = 0
+
+
+def parse_drop_train(spec: str) -> dict[str, float]:
+    """``"t1ce=0.5,t1=0.25"`` -> ``{"t1ce": 0.5, "t1": 0.25}``: the fraction of training cases without each."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, value = part.partition("=")
+        name = name.strip().lower()
+        if name not in SEQUENCES:
+            raise UserError(f"--drop-train: unknown sequence {name!r} (use {', '.join(SEQUENCES)})")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not 0.0 < fraction <= 1.0:
+            raise UserError(f"--drop-train: {part!r} needs a fraction in (0, 1], as in t1ce=0.5")
+        if name in out:
+            raise UserError(f"--drop-train: {name} is given twice")
+        out[name] = fraction
+    if not out:
+        raise UserError("--drop-train: expected SEQ=FRACTION[,SEQ=FRACTION...], e.g. t1ce=0.5,t1=0.25")
+    return out
+
+
+def dropped_availability(train: Sequence[str], drop: dict[str, float], seed: int = DROP_SEED) -> dict[str, list[str]]:
+    """Per training case, the sequences it keeps: for each dropped sequence a seeded ``round(f * n)`` cases lose
+    it (independently per sequence). A case never loses its last sequence; ``--drop-train`` says so when that
+    happens."""
+    rng = np.random.default_rng(seed)
+    keep = {case: list(SEQUENCES) for case in train}
+    for name in SEQUENCES:                       # a fixed order, so the draw does not depend on the spec's order
+        if name not in drop:
+            rng.permutation(len(train))          # the stream stays aligned whichever sequences are dropped
+            continue
+        n = int(round(drop[name] * len(train)))
+        for i in rng.permutation(len(train))[:n]:
+            case = train[int(i)]
+            if len(keep[case]) > 1:
+                keep[case].remove(name)
+    return keep
+
+
 def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset, methods: Sequence[Method],
-                  device: str, fresh: bool = False, seeds: int = 1) -> dict[str, Path]:
+                  device: str, fresh: bool = False, seeds: int = 1,
+                  drop_train: Optional[dict[str, float]] = None) -> dict[str, Path]:
     """Run (or resume) the benchmark in ``out_dir``; returns the paths of the results files.
 
     ``seeds`` trainings per method (seed 0 is the single-run layout, so a later call with more seeds reuses it).
@@ -89,6 +139,8 @@ def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset
         raise UserError(f"case {clash[0]} is in both {train_dir} and {test_dir}")
     settings = {"command": "benchmark brats", "train": [str(Path(train_dir).resolve()), train],
                 "test": [str(Path(test_dir).resolve()), test], "preset": preset.as_dict()}
+    if drop_train:
+        settings["drop_train"] = drop_train   # another availability is another run: not mixed into this folder
     ws = Workspace(out_dir, settings, fresh=fresh)
     started = time.monotonic()
     total = total_steps(len(methods), seeds)
@@ -103,6 +155,8 @@ def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset
     def convert() -> None:
         from nnunet_gmd.nnunet.convert_brats import convert_brats
         convert_brats(staging, DATASET_ID, DATASET_NAME, raw_root=ws.raw, overwrite=True)
+        if drop_train:   # availability only: the trainers read it, no image is changed
+            write_json(ws.raw / dataset_name / AVAILABILITY_FILE, dropped_availability(train, drop_train))
     ws.run_step("convert", f"[2/{total}] convert to an nnU-Net dataset (convert-brats)", convert)
 
     def plan() -> None:
@@ -114,6 +168,13 @@ def run_benchmark(train_dir: Path, test_dir: Path, out_dir: Path, preset: Preset
                            seeds=seeds)
 
     details = [f"training set: {len(train)} cases from {train_dir}; test set: {len(test)} cases from {test_dir}"]
+    if drop_train:
+        record = json.loads((ws.raw / dataset_name / AVAILABILITY_FILE).read_text())
+        lost = {name: sum(name not in v for v in record.values()) for name in SEQUENCES}
+        details.append("incomplete training data (--drop-train " + ",".join(f"{k}={v:g}" for k, v in drop_train.items())
+                       + "): cases without " + ", ".join(f"{k} {n}/{len(train)}" for k, n in lost.items() if n)
+                       + f"; {sum(len(v) < len(SEQUENCES) for v in record.values())} incomplete cases; the test "
+                       f"cases are complete")
     return write_results(ws, methods, preset, dataset_name, "benchmark_results",
                          "nnunet-gmd benchmark: BraTS missing-modality Dice", details, started, total,
                          extra={"train_cases": train, "test_cases": test}, seeds=seeds)

@@ -10,7 +10,7 @@ from pathlib import Path
 from nnunet_gmd.demo.presets import PRESETS
 
 # The keys of nnunet_gmd.demo.pipeline.METHODS, spelled out so that --help needs no heavy import (a test checks).
-METHOD_KEYS = ("stock", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
+METHOD_KEYS = ("stock", "stock_complete", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
                "gmd_amortized_sub", "gmd_m1")
 
 DEMO_METHODS = ("stock", "gmd")
@@ -71,8 +71,11 @@ def _benchmark_brats(args: argparse.Namespace) -> int:
     from nnunet_gmd.demo.benchmark import run_benchmark
     from nnunet_gmd.demo.pipeline import parse_methods
 
+    from nnunet_gmd.demo.benchmark import parse_drop_train
+
     run_benchmark(Path(args.train), Path(args.test), Path(args.output), _preset(args),
-                  parse_methods(args.methods), _device(args.device), fresh=args.fresh, seeds=args.seeds)
+                  parse_methods(args.methods), _device(args.device), fresh=args.fresh, seeds=args.seeds,
+                  drop_train=parse_drop_train(args.drop_train) if args.drop_train else None)
     return 0
 
 
@@ -126,6 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--test", required=True, help="folder of BraTS case folders to test on (with _seg files)")
     b.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run settings (default cpu)")
     _add_common(b, "benchmark_output", BENCHMARK_METHODS)
+    b.add_argument("--drop-train", default=None, metavar="SEQ=FRACTION,...",
+                   help="mark sequences absent in a seeded fraction of the training cases, e.g. "
+                        "'t1ce=0.5,t1=0.25' (availability only, no file is touched): DS/GMD skip them, stock "
+                        "and ModalityDropout get zeros there, stock_complete leaves those cases out")
     b.set_defaults(func=_benchmark_brats)
 
     s = bench.add_parser("split", help="split one BraTS folder into train/ and test/ folders of links",

@@ -37,6 +37,7 @@ class Method:
 
 METHODS: dict[str, Method] = {m.key: m for m in (
     Method("stock", "nnUNetTrainerBudget", "nnUNet (zero-fill)"),
+    Method("stock_complete", "nnUNetTrainerBudget_complete", "nnUNet (complete cases)"),
     Method("dropout", "nnUNetTrainerModalityDropout", "ModalityDropout"),
     Method("ds", "nnUNetTrainerDS", "DS"),
     Method("gmd", "nnUNetTrainerGMD", "GMD"),

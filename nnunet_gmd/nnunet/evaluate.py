@@ -27,8 +27,9 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
-from nnunet_gmd.errors import UserError
 from nnunet_gmd.atomic import write_json
+from nnunet_gmd.availability import AVAILABILITY_FILE, load_availability
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet.predict import (CaseFiles, channel_names, ds_network, predict_case_subsets,
                                       record_availability)
 from nnunet_gmd.subsets import Subset, all_subsets, subset_name
@@ -72,6 +73,14 @@ def raw_cases(dataset_name: str, dataset_json: dict, case_ids: Sequence[str]) ->
         cases.append(CaseFiles(case_id, {i: Path(f) for i, f in enumerate(images)}))
         labels[case_id] = label
     return cases, labels
+
+
+def case_availability(dataset_name: str, names: Sequence[str], case_ids: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Channels each case really has: the raw dataset's ``modality_availability.json``, else every channel."""
+    full = tuple(range(len(names)))
+    record = Path(os.environ.get("nnUNet_raw", "")) / dataset_name / AVAILABILITY_FILE
+    table = load_availability(record, names) if os.environ.get("nnUNet_raw") and record.is_file() else {}
+    return {c: table.get(c, full) for c in case_ids}
 
 
 def named_regions(label_manager: LabelManager) -> list[tuple[Region, str]]:
@@ -183,39 +192,53 @@ def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, 
         warnings.warn(f"{predictor.trainer_name} does not use a Dynamic Sharing network: absent channels are "
                       f"zero-filled for it", UserWarning, stacklevel=2)
 
+    # a case is scored only on the subsets of the sequences it really has (modality_availability.json)
+    available = case_availability(dataset_name, names, case_ids)
+    cases_for = {s: [c for c in cases if set(s) <= set(available[c.case_id])] for s in subsets}
+    ids_for = {s: [c.case_id for c in cases_for[s]] for s in subsets}
+
     out_dir = Path(out_dir)
     pred_root = out_dir / "predictions"
     pred_root.mkdir(parents=True, exist_ok=True)
     folders = {subset: pred_root / subset_name(subset, names) for subset in subsets}
-    fingerprints = {s: _fingerprint(model_folder, [fold], checkpoint, predictor, s, case_ids) for s in subsets}
-    todo = [s for s in subsets if not _is_done(folders[s], fingerprints[s], case_ids, ending)]
+    fingerprints = {s: _fingerprint(model_folder, [fold], checkpoint, predictor, s, ids_for[s]) for s in subsets}
+    todo = [s for s in subsets if not _is_done(folders[s], fingerprints[s], ids_for[s], ending)]
     for subset in todo:
         (folders[subset] / _DONE_FILE).unlink(missing_ok=True)
         folders[subset].mkdir(parents=True, exist_ok=True)
     if todo:
-        bar = tqdm(total=len(todo) * len(cases), desc="predicting subsets x cases", unit="prediction",
-                   disable=not progress)
+        bar = tqdm(total=sum(len(cases_for[s]) for s in todo), desc="predicting subsets x cases",
+                   unit="prediction", disable=not progress)
+        groups: dict[tuple[int, ...], list[CaseFiles]] = {}
+        for case in cases:
+            groups.setdefault(available[case.case_id], []).append(case)
         with open(pred_root / "predict.log", "a") as log, contextlib.redirect_stdout(log):
-            routes = predict_case_subsets(predictor, cases, lambda case, s: folders[s] / case.case_id, todo,
-                                          num_processes_segmentation_export, on_prediction=bar.update)
-            print(f"nnunet-gmd evaluate: {routes['reused']} subset predictions reused the case's preprocessing, "
-                  f"{routes['preprocessed']} preprocessed their zero-filled input")
+            for channels, group in groups.items():
+                group_todo = [s for s in todo if set(s) <= set(channels)]
+                if not group_todo:
+                    continue
+                routes = predict_case_subsets(predictor, group, lambda case, s: folders[s] / case.case_id,
+                                              group_todo, num_processes_segmentation_export,
+                                              on_prediction=bar.update)
+                print(f"nnunet-gmd evaluate: {routes['reused']} subset predictions reused the case's "
+                      f"preprocessing, {routes['preprocessed']} preprocessed their zero-filled input")
         bar.close()
         for subset in todo:
-            record_availability(folders[subset], predictor, {c: subset for c in case_ids})
+            record_availability(folders[subset], predictor, {c: subset for c in ids_for[subset]})
             write_json(folders[subset] / _DONE_FILE, fingerprints[subset])
 
     entries = []
     for subset in tqdm(subsets, desc="scoring subsets", unit="subset", disable=not progress):
         folder = folders[subset]
         per_case = [score_case(labels[case.case_id], folder / f"{case.case_id}{ending}", reader, region_values,
-                               label_manager.ignore_label, with_hd95) for case in cases]
-        summary = summarize(per_case, region_values)
-        save_summary_json(summary, str(folder / "summary.json"))
-        entries.append({
-            "available": [names[i] for i in subset],
-            "metrics": {name: _metric_block(summary["mean"][r], with_hd95) for r, name in regions},
-        })
+                               label_manager.ignore_label, with_hd95) for case in cases_for[subset]]
+        if per_case:
+            summary = summarize(per_case, region_values)
+            save_summary_json(summary, str(folder / "summary.json"))
+            metrics = {name: _metric_block(summary["mean"][r], with_hd95) for r, name in regions}
+        else:   # no case has these sequences: nothing to score
+            metrics = {name: _metric_block({"Dice": None, "HD95": None}, with_hd95) for _, name in regions}
+        entries.append({"available": [names[i] for i in subset], "n_cases": len(per_case), "metrics": metrics})
     return {
         "trainer": predictor.trainer_name,
         "dataset": dataset_name,
