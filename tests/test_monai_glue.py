@@ -271,6 +271,34 @@ def test_gmd_update_applies_exactly_the_gmd_gradient_over_all_subsets(network_cl
         assert torch.allclose(q.detach(), expected, atol=1e-6), name
 
 
+@pytest.mark.parametrize("method", ["gmd", "mean"])
+def test_gmd_update_a_null_sequence_contributes_nothing(method):
+    """A training case without T1ce (issue 11): noise in its zero-filled channel leaves the step unchanged."""
+    def step(noise: bool, with_mask: bool = True) -> list[torch.Tensor]:
+        net = tiny_net()
+        g = torch.Generator().manual_seed(5)
+        image = torch.randn(2, 4, 8, 8, 8, generator=g)
+        label = (torch.rand(2, 3, 8, 8, 8, generator=g) > 0.7).float()
+        available = torch.tensor([[True, False, True, True], [True, True, True, True]])
+        if noise:
+            image[0, 1] = 30 * torch.randn(8, 8, 8, generator=g)
+        data = [{"image": image[i], "label": label[i], "available": available[i] if with_mask else torch.ones(4).bool()}
+                for i in range(2)]
+        loader = DataLoader(Dataset(data), batch_size=2, shuffle=False)
+        trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
+                                    optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                    loss_function=DiceFocalLoss(sigmoid=True, gamma=0.0),
+                                    prepare_batch=PrepareBatchExtraInput({"available": "available"}),
+                                    iteration_update=GMDIterationUpdate(subsets_per_step=None, method=method, seed=3))
+        trainer.run()
+        return [p.detach().clone() for p in net.parameters()]
+
+    clean, noisy = step(noise=False), step(noise=True)
+    for a, b in zip(clean, noisy):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(clean, step(noise=True, with_mask=False)))
+
+
 def test_gmd_update_k_subsets_mean_method_and_resumable_state():
     update = GMDIterationUpdate(subsets_per_step=3, include_full=True, seed=7)
     expected = SubsetSampler(4, k=3, include_full=True, seed=7)

@@ -13,6 +13,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
 from nnunet_gmd.gmd import ds_gmd_backward, ds_subset_losses
 from nnunet_gmd.networks import unwrap
 from nnunet_gmd.subsets import SubsetSampler
@@ -37,17 +38,21 @@ class GMDIterationUpdate:
         reduction: GMD's merge, ``"mean"`` (official code) or ``"sum"`` (paper Eq. 9).
         max_grad_norm: clip the merged gradient to this norm (nnU-Net uses 12); ``None`` disables clipping.
         seed: seeds the subset draw and the projection order; the state is saved with checkpoints.
+        mask_key: the batch's ``(B, M)`` availability mask (:class:`~nnunet_gmd.monai.StackModalitiesd`). A
+            training case with ``null`` sequences supervises only the subsets it has: each subset's loss is
+            taken over the samples that have it, and subsets no sample has are not drawn.
     """
 
     def __init__(self, num_modalities: int = 4, subsets_per_step: Optional[int] = None, include_full: bool = True,
                  method: str = "gmd", reduction: str = "mean", max_grad_norm: Optional[float] = 12.0,
-                 seed: Optional[int] = 0) -> None:
+                 seed: Optional[int] = 0, mask_key: str = "available") -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.sampler = SubsetSampler(num_modalities, k=subsets_per_step, include_full=include_full, seed=seed)
         self.method = method
         self.reduction = reduction
         self.max_grad_norm = max_grad_norm
+        self.mask_key = mask_key
         self.generator = torch.Generator()
         self.generator.manual_seed(torch.initial_seed() % 2**63 if seed is None else seed + 1)
 
@@ -61,10 +66,15 @@ class GMDIterationUpdate:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
-        subsets = self.sampler.sample()
+        mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
+        mask = None if mask is None or bool(torch.as_tensor(mask).all()) else torch.as_tensor(mask).bool().cpu()
+        subsets = self.sampler.sample(None if mask is None else supported_subsets(self.sampler.subsets, mask))
 
         def subset_loss(output: Any, subset: tuple[int, ...]) -> torch.Tensor:
-            return engine.loss_function(output, targets).mean()
+            if mask is None:
+                return engine.loss_function(output, targets).mean()
+            rows = samples_supplying(subset, mask)
+            return engine.loss_function(select_samples(output, rows), select_samples(targets, rows)).mean()
 
         if self.method == "gmd":
             stats = ds_gmd_backward(network, inputs, subsets, subset_loss, reduction=self.reduction,
