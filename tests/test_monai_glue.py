@@ -114,8 +114,10 @@ def test_split_and_subset_expansion():
     assert len(expanded) == 30
     assert [e["subset"] for e in expanded[:3]] == ["t1", "t1", "t1ce"]
     assert expanded[-1]["subset"] == "t1+t1ce+t2+flair"
+    incomplete = expand_subsets([{"case": "x", "t1": "a", "t1ce": "b", "flair": "c"}])
+    assert len(incomplete) == 7 and all("t2" not in e["subset"].split("+") for e in incomplete)
     with pytest.raises(CaseListError, match="lacks t2"):
-        expand_subsets([{"case": "x", "t1": "a", "t1ce": "b", "flair": "c"}])
+        expand_subsets([{"case": "x", "t1": "a", "t1ce": "b", "flair": "c"}], require_all=True)
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -359,6 +361,8 @@ def test_report_dice_values_schema_and_order(tmp_path):
     assert list(both) == ["whole tumor", "tumor core", "enhancing tumor"]
     assert both["tumor core"]["dice"] == pytest.approx((2 / 3 + 1) / 2)
     assert both["enhancing tumor"]["dice"] == pytest.approx(0.5) and both["whole tumor"]["n_cases"] == 2
+    # the number of cases behind each subset, in the field the nnU-Net report uses too
+    assert [s["n_cases"] for s in content["subsets"]] == [1, 2]
     assert content["mean"]["tumor core"]["dice"] == pytest.approx((1 + (2 / 3 + 1) / 2) / 2)
     with pytest.raises(CaseListError, match="case 'c3'.*differs"):
         report.add("t1", "c3", pred, label[:, :2])

@@ -172,14 +172,22 @@ def split_train_val(cases: Sequence[dict], val_fraction: float = 0.2) -> tuple[l
     return list(cases[:-n_val]), list(cases[-n_val:])
 
 
-def expand_subsets(cases: Sequence[dict], modalities: Sequence[str] = MODALITIES) -> list[dict[str, Any]]:
+def expand_subsets(cases: Sequence[dict], modalities: Sequence[str] = MODALITIES,
+                   require_all: bool = False) -> list[dict[str, Any]]:
     """One entry per (subset, case), subsets in :func:`all_subsets` order; ``subset`` is e.g. ``"t1ce+flair"``.
 
-    Every case must have all sequences, otherwise its row for a subset would silently measure a smaller one.
+    A case that lacks sequences is evaluated only on the subsets of the sequences it has (the report's
+    ``n_cases`` tells how many cases stand behind each subset), never on a subset it cannot supply, which would
+    silently measure a smaller one. ``require_all`` makes a missing sequence an error instead.
     """
+    entries = []
     for case in cases:
         missing = [m for m in modalities if m not in case]
-        if missing:
+        if missing and require_all:
             raise CaseListError(f"case {case.get(CASE_KEY)!r} lacks {', '.join(missing)}; the per-subset "
                                 f"evaluation needs every sequence")
-    return [{**case, SUBSET_KEY: subset_name(s, modalities)} for s in all_subsets(len(modalities)) for case in cases]
+    for s in all_subsets(len(modalities)):
+        for case in cases:
+            if all(modalities[i] in case for i in s):
+                entries.append({**case, SUBSET_KEY: subset_name(s, modalities)})
+    return entries

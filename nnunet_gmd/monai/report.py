@@ -3,7 +3,7 @@
 The schema is shared with the nnU-Net path so both can be compared and plotted by the same tools::
 
     {"trainer": str, "dataset": str, "channels": [names],
-     "subsets": [{"available": [names], "metrics": {region: {"dice": x, "n_cases": n}}}],
+     "subsets": [{"available": [names], "n_cases": n, "metrics": {region: {"dice": x, "n_cases": n}}}],
      "mean": {region: {"dice": mean over subsets}}}
 
 Dice follows the BraTS convention for empty regions: 1 when both prediction and reference are empty, 0 when
@@ -96,7 +96,7 @@ class MissingModalityReport:
                 idx = self.region_keys.index(region)
                 values = [scores[idx] for scores in cases.values()]
                 metrics[REGION_NAMES[region]] = {"dice": sum(values) / len(values), "n_cases": len(values)}
-            subsets.append({"available": name.split("+"), "metrics": metrics})
+            subsets.append({"available": name.split("+"), "n_cases": len(cases), "metrics": metrics})
         mean = {}
         if subsets:
             for region in REPORT_REGION_ORDER:
