@@ -21,7 +21,7 @@ from nnunet_gmd.monai import (MODALITIES, ApplySubsetd, AvailabilitySlidingWindo
                               StackModalitiesd, expand_subsets, load_cases, split_train_val)
 from nnunet_gmd.monai.gmd_update import CONFLICTS_KEY, training_scalars
 from nnunet_gmd.monai.io import case_name_formatter
-from nnunet_gmd.nnunet.report import check_comparable, load_report
+from nnunet_gmd.report import check_comparable, load_report
 from nnunet_gmd.networks import DSFeatureFusionUNet, DSUNet
 from nnunet_gmd.subsets import SubsetSampler, all_subsets
 

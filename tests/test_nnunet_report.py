@@ -10,7 +10,7 @@ import pytest
 from nnunet_gmd.cli import main
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.nnunet.evaluate import mean_over_subsets
-from nnunet_gmd.nnunet.report import (comparison_labels, compare_table, load_report, to_markdown,
+from nnunet_gmd.report import (comparison_labels, compare_table, load_report, to_markdown,
                                       write_report)
 
 

@@ -33,7 +33,7 @@ from nnunet_gmd.demo.per_case import CaseScores, case_scores  # noqa: E402
 from nnunet_gmd.demo.results import SHORT_REGION  # noqa: E402
 from nnunet_gmd.demo.workspace import reports_root  # noqa: E402
 from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
-from nnunet_gmd.nnunet.report import REPORT_JSON  # noqa: E402
+from nnunet_gmd.report import REPORT_JSON  # noqa: E402
 
 STEM = "paired_differences"
 MEASURES = ("missing", "full")

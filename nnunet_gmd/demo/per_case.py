@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.nnunet.report import REPORT_JSON, load_report, regions_of, subset_label
+from nnunet_gmd.report import REPORT_JSON, load_report, regions_of, subset_label
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from nnunet_gmd.demo.results import Results
 from nnunet_gmd.demo.tools import nnunet_gmd_command, run_tool, tool
 from nnunet_gmd.demo.workspace import Workspace, reports_root, results_root, seed_suffix
 from nnunet_gmd.nnunet.trainer_base import SEED_ENV
-from nnunet_gmd.nnunet.report import REPORT_JSON
+from nnunet_gmd.report import REPORT_JSON
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nnunet_gmd.atomic import save_figure, write_json  # noqa: E402
-from nnunet_gmd.nnunet.report import comparison_rows, load_report, regions_of, write_text  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
+from nnunet_gmd.report import comparison_rows, load_report, regions_of  # noqa: E402
 
 SHORT_REGION = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 MEAN_KINDS = ("all subsets", "missing modalities", "full set")

@@ -22,7 +22,7 @@ from monai.metrics import compute_dice
 
 from nnunet_gmd.monai.brats import MODALITIES, REGION_KEYS, REGION_NAMES
 from nnunet_gmd.monai.data import CASE_KEY, SUBSET_KEY, CaseListError
-from nnunet_gmd.nnunet.report import write_report
+from nnunet_gmd.report import write_report
 from nnunet_gmd.subsets import all_subsets, subset_name
 
 #: Region order in the report (independent of the network's channel order).

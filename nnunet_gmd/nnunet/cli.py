@@ -117,7 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from nnunet_gmd.nnunet.evaluate import evaluate_missing_modalities
     from nnunet_gmd.nnunet.predict import load_predictor, model_folder, resolve_dataset_name
-    from nnunet_gmd.nnunet.report import to_markdown, write_report
+    from nnunet_gmd.report import to_markdown, write_report
 
     from nnunet_gmd.atomic import output_folder_problem
     from nnunet_gmd.errors import UserError
@@ -143,7 +143,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from nnunet_gmd.errors import UserError
     from nnunet_gmd.atomic import write_text
-    from nnunet_gmd.nnunet.report import (check_comparable, compare_table, comparison_labels, load_report,
+    from nnunet_gmd.report import (check_comparable, compare_table, comparison_labels, load_report,
                                           plot_comparison, regions_of)
 
     paths = [Path(p) for p in args.reports]

@@ -1,4 +1,5 @@
-"""Missing-modality robustness reports: JSON, CSV, Markdown and a heatmap, and side-by-side comparison.
+"""Missing-modality robustness reports (``missing_modality_report.json``), the one format both integrations write:
+JSON, CSV, Markdown and a heatmap, and side-by-side comparison.
 
 One format for every trainer (GMD, DS, stock nnU-Net with zero-filled channels), so methods are compared on the
 same footing. Every file is written atomically: readers never see half a report.
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nnunet_gmd.errors import UserError  # noqa: E402
-from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
+from nnunet_gmd.atomic import atomic_write, json_safe, write_json, write_text  # noqa: E402
 
 REPORT_JSON = "missing_modality_report.json"
 REPORT_CSV = "missing_modality_report.csv"
@@ -30,17 +31,6 @@ _REQUIRED = ("trainer", "dataset", "channels", "subsets", "mean")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _json_safe(obj):
-    """NaN/inf -> null, so the report is strict JSON (nnU-Net's own summary.json writes bare NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _value(x: Optional[float]) -> float:
     return float("nan") if x is None else float(x)
 
@@ -173,7 +163,7 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"json": out_dir / REPORT_JSON, "csv": out_dir / REPORT_CSV, "markdown": out_dir / REPORT_MD,
              "heatmap": out_dir / REPORT_PNG}
-    safe = _json_safe(report)
+    safe = json_safe(report)
     write_json(paths["json"], safe)
     write_text(paths["csv"], to_csv(report))
     write_text(paths["markdown"], to_markdown(report))
