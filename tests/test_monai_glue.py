@@ -301,6 +301,18 @@ def test_gmd_update_a_null_sequence_contributes_nothing(method):
     assert any(not torch.equal(a, b) for a, b in zip(clean, step(noise=True, with_mask=False)))
 
 
+def test_gmd_update_refuses_extra_inputs_it_cannot_pass_to_the_branches():
+    net = tiny_net()
+    data = [{"image": torch.randn(4, 8, 8, 8), "label": torch.zeros(3, 8, 8, 8), "spacing": torch.ones(3)}]
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(Dataset(data)),
+                                network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                loss_function=DiceFocalLoss(sigmoid=True), iteration_update=GMDIterationUpdate(),
+                                prepare_batch=PrepareBatchExtraInput({"spacing": "spacing"}))
+    with pytest.raises(Exception) as info:
+        trainer.run()
+    assert "extra network inputs ['spacing'] are not supported" in str(info.value) + str(info.value.__cause__)
+
+
 def test_gmd_update_k_subsets_mean_method_and_resumable_state():
     update = GMDIterationUpdate(subsets_per_step=3, include_full=True, seed=7)
     expected = SubsetSampler(4, k=3, include_full=True, seed=7)

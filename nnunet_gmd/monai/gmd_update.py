@@ -61,12 +61,20 @@ class GMDIterationUpdate:
             raise ValueError("GMDIterationUpdate needs batch data for the iteration")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
+        # extra network inputs, as SupervisedTrainer unpacks them (PrepareBatchExtraInput): the availability mask
+        # is the one a DS network takes; it names which branches each sample really has
+        args, kwargs = (tuple(batch[2]), dict(batch[3])) if len(batch) == 4 else ((), {})
+        extra_mask = kwargs.pop(self.mask_key, None)
+        if args or kwargs:
+            raise ValueError(f"GMDIterationUpdate: extra network inputs {list(kwargs) or len(args)} are not "
+                             f"supported; the DS branch graphs take the image and the '{self.mask_key}' mask only")
         network = unwrap(engine.network)  # GMD needs the DS network itself, not DDP or a compiled wrapper
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
-        mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
+        mask = extra_mask if extra_mask is not None else (
+            batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None)
         mask = None if mask is None or bool(torch.as_tensor(mask).all()) else torch.as_tensor(mask).bool().cpu()
         subsets = self.sampler.sample(None if mask is None else supported_subsets(self.sampler.subsets, mask))
 
