@@ -1,7 +1,10 @@
-"""The bare network under the wrappers that trainers put around it."""
+"""The bare network under the wrappers that trainers put around it, and its branches switched off for a while."""
 from __future__ import annotations
 
-from torch import nn
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from torch import Tensor, nn
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -17,3 +20,21 @@ def unwrap(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+@contextmanager
+def only_available(network: Optional[nn.Module], available: Optional[Tensor]) -> Iterator[None]:
+    """Inside the block, ``network(x)`` runs only the branches in ``available`` (``(M,)`` or ``(B, M)``).
+
+    For callers that cannot pass the mask themselves (nnU-Net's predictor and validation step call
+    ``network(x)``). The default is reset on leaving, also after an error. ``network`` None (not a DS
+    network) or ``available`` None (every branch) change nothing.
+    """
+    if network is None or available is None:
+        yield
+        return
+    network.set_default_available(available)
+    try:
+        yield
+    finally:
+        network.set_default_available(None)

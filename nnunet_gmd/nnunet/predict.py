@@ -33,7 +33,7 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.networks import DSNetworkBase, unwrap
+from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet import ext_trainer_path
 from nnunet_gmd.atomic import write_json
 from nnunet_gmd.nifti import NIFTI_ENDINGS, cannot, nifti_problem, nonfinite_problem
@@ -294,11 +294,9 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
                           f"branches off: the absent channels of {n} case(s) are zero-filled", UserWarning,
                           stacklevel=2)
         output_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for subset in sorted(groups, key=lambda s: (-len(s), s)):
-                lists, outputs = map(list, zip(*groups[subset]))
-                if ds is not None:
-                    ds.set_default_available(None if subset == full else subset_mask(subset, num_channels))
+        for subset in sorted(groups, key=lambda s: (-len(s), s)):
+            lists, outputs = map(list, zip(*groups[subset]))
+            with only_available(ds, None if subset == full else subset_mask(subset, num_channels)):
                 if num_processes_preprocessing == 0 and num_processes_segmentation_export == 0:
                     predictor.predict_from_files_sequential(lists, outputs, save_probabilities=save_probabilities,
                                                             overwrite=True)
@@ -307,9 +305,6 @@ def predict_cases(predictor: nnUNetPredictor, cases: Iterable[CaseFiles], output
                         lists, outputs, save_probabilities=save_probabilities, overwrite=True,
                         num_processes_preprocessing=max(1, num_processes_preprocessing),
                         num_processes_segmentation_export=max(1, num_processes_segmentation_export))
-        finally:
-            if ds is not None:
-                ds.set_default_available(None)
 
     record_availability(output_dir, predictor, {c.case_id: available[c.case_id] for c in cases})
     return available
@@ -403,17 +398,14 @@ def predict_case_subsets(predictor: nnUNetPredictor, cases: Sequence[CaseFiles],
                     data, _, data_props = preprocessor.run_case_npy(filled, None, deepcopy(props), pm, cm,
                                                                     dataset_json)
                     routes["preprocessed"] += 1
-                if ds is not None:
-                    ds.set_default_available(None if subset == full else subset_mask(subset, len(names)))
-                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+                with only_available(ds, None if subset == full else subset_mask(subset, len(names))):
+                    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
                 out = Path(outputs(case, subset))
                 out.parent.mkdir(parents=True, exist_ok=True)
                 exporter(logits, deepcopy(data_props), cm, pm, dataset_json, str(out), False)
                 if on_prediction is not None:
                     on_prediction()
     finally:
-        if ds is not None:
-            ds.set_default_available(None)
         exporter.close()
     return routes
 

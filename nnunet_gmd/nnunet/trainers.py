@@ -29,7 +29,7 @@ from torch import autocast, nn
 from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
 from nnunet_gmd.gmd import GMDStats, backward_all_reduced, ds_gmd_backward, ds_subset_losses
 from nnunet_gmd.gmd_fast import AmortizedGMD, unimodal_and_full
-from nnunet_gmd.networks import DSNetworkBase, unwrap
+from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
@@ -133,12 +133,8 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
         mask = self._batch_availability(batch)
         if mask is None:
             return super().validation_step(batch)
-        net = self._ds_network()
-        net.set_default_available(mask)
-        try:
+        with only_available(self._ds_network(), mask):
             return super().validation_step(batch)
-        finally:
-            net.set_default_available(None)
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
