@@ -299,3 +299,22 @@ def test_case_subsets_export_pool_writes_what_inline_export_writes(nnunet_paths,
     for subset in subsets:
         name = f"{CASES[0]}_{len(subset)}{subset[0]}"
         np.testing.assert_array_equal(_seg(tmp_path / "pool", name), _seg(tmp_path / "inline", name))
+
+
+def test_the_export_pool_fails_instead_of_hanging_when_a_worker_dies():
+    import os
+    import signal
+    import time
+
+    from nnunet_gmd.nnunet.predict import _Exporter
+
+    exporter = _Exporter(1)
+    task = exporter._pool.apply_async(time.sleep, (60,))
+    time.sleep(1.0)                                   # the worker has picked the task up
+    os.kill(exporter._workers[0].pid, signal.SIGKILL)  # what the OOM killer does
+    started = time.monotonic()
+    exporter._pending.append(task)
+    with pytest.raises(RuntimeError, match="no longer alive"):
+        exporter.close()
+    assert time.monotonic() - started < 30
+

@@ -29,7 +29,7 @@ from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-from nnunetv2.utilities.file_path_utilities import get_output_folder
+from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy, get_output_folder
 from tqdm import tqdm
 
 from nnunet_gmd.errors import UserError
@@ -329,15 +329,24 @@ class _Exporter:
 
     def __init__(self, num_processes: int):
         self._pool = multiprocessing.get_context("spawn").Pool(num_processes) if num_processes > 0 else None
+        self._workers = list(self._pool._pool) if self._pool is not None else []   # as nnU-Net watches them
         self._pending: list = []
         self._limit = 2 * max(num_processes, 1)
+
+    def _wait(self, result) -> None:
+        """``result.get()``, but a dead worker (killed, out of memory) is an error instead of a hang: the pool
+        replaces it silently and its task never finishes."""
+        while not result.ready():
+            check_workers_alive_and_busy(self._pool, self._workers, [], 0)   # raises if a worker died
+            result.wait(0.5)
+        result.get()
 
     def __call__(self, *args) -> None:
         if self._pool is None:
             export_prediction_from_logits(*args)
             return
         while len(self._pending) >= self._limit:
-            self._pending.pop(0).get()
+            self._wait(self._pending.pop(0))
         logits, *rest = args  # as nnU-Net's own pool: numpy to the workers
         self._pending.append(self._pool.apply_async(export_prediction_from_logits, (logits.numpy(), *rest)))
 
@@ -345,9 +354,13 @@ class _Exporter:
         if self._pool is not None:
             try:
                 for result in self._pending:
-                    result.get()
-            finally:
+                    self._wait(result)
+            except BaseException:
+                self._pool.terminate()
+                raise
+            else:
                 self._pool.close()
+            finally:
                 self._pool.join()
 
 
