@@ -155,7 +155,7 @@ def test_nan_voxels_are_refused_naming_the_file_in_both_integrations(tmp_path):
 
     from nnunet_gmd.errors import UserError
     from nnunet_gmd.nifti import nifti_problem
-    from nnunet_gmd.nnunet.predict import CaseFiles, check_case
+    from nnunet_gmd.nnunet.cases import CaseFiles, check_case
 
     write_case(tmp_path, "A", modalities=("t1", "flair"))
     flair = tmp_path / "A" / "A_flair.nii.gz"

@@ -88,7 +88,9 @@ def test_ds_switches_absent_branch_off(nnunet_paths, ds_model, tmp_path):
 
 
 def test_stock_model_gets_zero_filled_channels_and_a_warning(nnunet_paths, stock_model, tmp_path):
-    from nnunet_gmd.nnunet.predict import find_cases, load_predictor, predict_cases
+    from nnunet_gmd.nnunet.model import load_predictor
+    from nnunet_gmd.nnunet.cases import find_cases
+    from nnunet_gmd.nnunet.predict import predict_cases
 
     case = CASES[1]
     make_input_folder(nnunet_paths, tmp_path / "missing", [case], drop=[0, 2])
@@ -232,7 +234,7 @@ def test_empty_input_and_unknown_model_are_one_line_errors(nnunet_paths, stock_m
 
 
 def test_case_without_any_channel_is_rejected():
-    from nnunet_gmd.nnunet.predict import CaseFiles, resolve_available
+    from nnunet_gmd.nnunet.cases import CaseFiles, resolve_available
 
     with pytest.raises(UserError, match="case lonely: no channel at all"):
         resolve_available(CaseFiles("lonely", {}), ["t1", "t1ce", "t2", "flair"])
@@ -242,7 +244,10 @@ def test_case_without_any_channel_is_rejected():
 def test_case_subsets_match_predict_cases_on_both_routes(nnunet_paths, ds_model, stock_model, trainer, tmp_path):
     """``predict_case_subsets`` (evaluate's path: read and preprocess once) writes what ``predict_cases`` writes
     with the other files absent, whether it reuses the whole case's preprocessing or has to redo it."""
-    from nnunet_gmd.nnunet.predict import find_cases, load_predictor, predict_case_subsets, predict_cases
+    from nnunet_gmd.nnunet.model import load_predictor
+    from nnunet_gmd.nnunet.cases import find_cases
+    from nnunet_gmd.nnunet.subset_sweep import predict_case_subsets
+    from nnunet_gmd.nnunet.predict import predict_cases
 
     inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES)
     # Phantom_001 gets a FLAIR-only bright slab in its empty first slices: without FLAIR, nnU-Net's nonzero crop
@@ -286,7 +291,9 @@ def _no_warning():
 
 
 def test_case_subsets_export_pool_writes_what_inline_export_writes(nnunet_paths, ds_model, tmp_path):
-    from nnunet_gmd.nnunet.predict import find_cases, load_predictor, predict_case_subsets
+    from nnunet_gmd.nnunet.model import load_predictor
+    from nnunet_gmd.nnunet.cases import find_cases
+    from nnunet_gmd.nnunet.subset_sweep import predict_case_subsets
 
     inp = make_input_folder(nnunet_paths, tmp_path / "in", CASES[:1])
     predictor = load_predictor(ds_model, [0], device="cpu", use_mirroring=False, allow_tqdm=False)
@@ -306,7 +313,7 @@ def test_the_export_pool_fails_instead_of_hanging_when_a_worker_dies():
     import signal
     import time
 
-    from nnunet_gmd.nnunet.predict import _Exporter
+    from nnunet_gmd.nnunet.subset_sweep import _Exporter
 
     exporter = _Exporter(1)
     task = exporter._pool.apply_async(time.sleep, (60,))

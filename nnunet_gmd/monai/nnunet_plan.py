@@ -123,7 +123,7 @@ class NnUNetPreprocessd(MapTransform):
         self.properties_key, self.case_key = properties_key, case_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from nnunet_gmd.nnunet.predict import CaseFiles, check_case
+        from nnunet_gmd.nnunet.cases import CaseFiles, check_case
 
         d = dict(data)
         case = str(d.get(self.case_key, "<unnamed case>"))

@@ -82,8 +82,9 @@ def _device(args: argparse.Namespace) -> str:
 def _predict(args: argparse.Namespace) -> int:
     from nnunet_gmd.atomic import output_folder_problem
     from nnunet_gmd.errors import UserError
-    from nnunet_gmd.nnunet.predict import (channel_names, ds_network, find_cases, load_predictor, model_folder,
-                                           predict_cases)
+    from nnunet_gmd.nnunet.model import channel_names, ds_network, load_predictor, model_folder
+    from nnunet_gmd.nnunet.cases import find_cases
+    from nnunet_gmd.nnunet.predict import predict_cases
     from nnunet_gmd.subsets import parse_subset, subset_name
 
     problem = output_folder_problem(args.o, input_folder=args.i)
@@ -116,7 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _evaluate(args: argparse.Namespace) -> int:
     from nnunet_gmd.nnunet.evaluate import evaluate_missing_modalities
-    from nnunet_gmd.nnunet.predict import load_predictor, model_folder, resolve_dataset_name
+    from nnunet_gmd.nnunet.model import load_predictor, model_folder, resolve_dataset_name
     from nnunet_gmd.report import to_markdown, write_report
 
     from nnunet_gmd.atomic import output_folder_problem
@@ -177,7 +178,7 @@ def _convert_brats(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- export-bundle
 def _export_bundle(args: argparse.Namespace) -> int:
     from nnunet_gmd.nnunet.export_bundle import export_bundle, load_source
-    from nnunet_gmd.nnunet.predict import model_folder
+    from nnunet_gmd.nnunet.model import model_folder
 
     folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
     source = load_source(folder, args.folds, args.checkpoint, args.configuration)

@@ -2,7 +2,7 @@
 
 Predictions are those :func:`nnunet_gmd.nnunet.predict.predict_cases` (what ``nnunet-gmd predict`` does) writes
 when the other files are absent, one folder per subset, so the numbers describe exactly what a user gets. They are
-made by :func:`~nnunet_gmd.nnunet.predict.predict_case_subsets`, which reads and preprocesses each case once and
+made by :func:`~nnunet_gmd.nnunet.subset_sweep.predict_case_subsets`, which reads and preprocesses each case once and
 reuses that wherever the result is provably the same. Scoring is
 nnU-Net's own ``compute_metrics`` on the dataset's regions or labels (per-subset ``summary.json`` in nnU-Net's
 format), plus HD95 from MONAI. Finished subsets are reused on a re-run as long as the checkpoint, the cases and
@@ -30,8 +30,10 @@ from tqdm import tqdm
 from nnunet_gmd.atomic import write_json
 from nnunet_gmd.availability import AVAILABILITY_FILE, load_availability
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.nnunet.predict import (CaseFiles, channel_names, ds_network, predict_case_subsets,
-                                      record_availability)
+from nnunet_gmd.nnunet.model import channel_names, ds_network
+from nnunet_gmd.nnunet.cases import CaseFiles
+from nnunet_gmd.nnunet.predict import record_availability
+from nnunet_gmd.nnunet.subset_sweep import predict_case_subsets
 from nnunet_gmd.subsets import Subset, all_subsets, subset_name
 
 Region = Union[int, tuple[int, ...]]

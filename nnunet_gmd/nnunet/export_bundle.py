@@ -83,7 +83,7 @@ def load_source(folder: Path, folds: Sequence[int | str], checkpoint_name: str =
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_gmd.nnunet.predict import use_our_trainers
+    from nnunet_gmd.nnunet.model import use_our_trainers
 
     folder = Path(folder)
     if not folder.is_dir():
