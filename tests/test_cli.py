@@ -48,3 +48,23 @@ def test_library_modules_do_not_import_the_command_line_layer():
                  if str(p.relative_to(root)) not in ("cli.py", "__main__.py")
                  and "from nnunet_gmd.cli import" in p.read_text()]
     assert offenders == []
+
+
+def test_every_sub_command_formats_its_help():
+    """``sentiment train --help`` used to crash on a bare '%' in a help string."""
+    import argparse
+
+    from nnunet_gmd.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+
+    seen = []
+    for path, parser in walk(build_parser(), "nnunet-gmd"):
+        assert parser.format_help(), path
+        seen.append(path)
+    assert {"nnunet-gmd sentiment train", "nnunet-gmd benchmark brats", "nnunet-gmd bench gmd"} <= set(seen)
