@@ -82,7 +82,7 @@ def _device(args: argparse.Namespace) -> str:
 def _predict(args: argparse.Namespace) -> int:
     from nnunet_gmd.atomic import output_folder_problem
     from nnunet_gmd.errors import UserError
-    from nnunet_gmd.nnunet.model import channel_names, ds_network, load_predictor, model_folder
+    from nnunet_gmd.nnunet.model import TrainedModel, model_folder
     from nnunet_gmd.nnunet.cases import find_cases
     from nnunet_gmd.nnunet.predict import predict_cases
     from nnunet_gmd.subsets import parse_subset, subset_name
@@ -91,10 +91,9 @@ def _predict(args: argparse.Namespace) -> int:
     if problem:
         raise UserError(f"-o: {problem}")
     folder = model_folder(args.dataset, args.trainer, args.plans, args.configuration)
-    predictor = load_predictor(folder, args.folds, args.checkpoint, _device(args), args.step_size,
-                               not args.disable_tta, verbose=args.verbose,
-                               allow_tqdm=not args.disable_progress_bar)
-    names = channel_names(predictor.dataset_json)
+    model = TrainedModel.load(folder, args.folds, args.checkpoint, _device(args), args.step_size,
+                              not args.disable_tta, verbose=args.verbose, allow_tqdm=not args.disable_progress_bar)
+    names = model.channel_names
     forced = None
     if args.available:
         try:
@@ -102,13 +101,14 @@ def _predict(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"--available: {e}") from None
     with _plain_warnings("predict"):
-        cases = find_cases(Path(args.i), predictor.dataset_json["file_ending"], names)
-        used = predict_cases(predictor, cases, Path(args.o), forced=forced, overwrite=not args.continue_prediction,
-                             save_probabilities=args.save_probabilities, num_processes_preprocessing=args.npp,
-                             num_processes_segmentation_export=args.nps, progress=not args.disable_progress_bar)
+        cases = find_cases(Path(args.i), model.predictor.dataset_json["file_ending"], names)
+        used = predict_cases(model.predictor, cases, Path(args.o), forced=forced,
+                             overwrite=not args.continue_prediction, save_probabilities=args.save_probabilities,
+                             num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
+                             progress=not args.disable_progress_bar)
     full = tuple(range(len(names)))
     partial = {c: s for c, s in used.items() if s != full}
-    how = "switched off" if ds_network(predictor) is not None else "zero-filled"
+    how = "switched off" if model.ds is not None else "zero-filled"
     print(f"predicted {len(used)} case(s) into {args.o}; {len(partial)} with channels {how}"
           + "".join(f"\n  {c}: {subset_name(s, names)}" for c, s in sorted(partial.items())))
     return 0
@@ -117,7 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _evaluate(args: argparse.Namespace) -> int:
     from nnunet_gmd.nnunet.evaluate import evaluate_missing_modalities
-    from nnunet_gmd.nnunet.model import load_predictor, model_folder, resolve_dataset_name
+    from nnunet_gmd.nnunet.model import TrainedModel, model_folder, resolve_dataset_name
     from nnunet_gmd.report import to_markdown, write_report
 
     from nnunet_gmd.atomic import output_folder_problem
@@ -128,11 +128,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     problem = output_folder_problem(out_dir)
     if problem:
         raise UserError(f"-o: {problem}")
-    predictor = load_predictor(folder, [args.fold], args.checkpoint, _device(args), args.step_size,
-                               not args.disable_tta, allow_tqdm=False)
+    model = TrainedModel.load(folder, [args.fold], args.checkpoint, _device(args), args.step_size,
+                              not args.disable_tta, allow_tqdm=False)
     with _plain_warnings("evaluate"):
         report = evaluate_missing_modalities(
-            predictor, folder, resolve_dataset_name(args.dataset), args.configuration, args.fold, out_dir,
+            model, resolve_dataset_name(args.dataset), args.configuration, args.fold, out_dir,
             checkpoint=args.checkpoint, with_hd95=not args.no_hd95, num_processes_segmentation_export=args.nps)
     paths = write_report(report, out_dir)
     print(to_markdown(report))

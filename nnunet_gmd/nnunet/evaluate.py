@@ -30,7 +30,7 @@ from tqdm import tqdm
 from nnunet_gmd.atomic import write_json
 from nnunet_gmd.availability import AVAILABILITY_FILE, load_availability
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.nnunet.model import channel_names, ds_network
+from nnunet_gmd.nnunet.model import TrainedModel
 from nnunet_gmd.nnunet.cases import CaseFiles
 from nnunet_gmd.nnunet.predict import record_availability
 from nnunet_gmd.nnunet.subset_sweep import predict_case_subsets
@@ -170,7 +170,7 @@ def _is_done(folder: Path, fingerprint: dict, case_ids: Sequence[str], file_endi
 
 
 # ---------------------------------------------------------------------------------------------- main entry
-def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, dataset_name: str,
+def evaluate_missing_modalities(model: TrainedModel, dataset_name: str,
                                 configuration: str, fold: int, out_dir: Path, checkpoint: str = "checkpoint_final.pth",
                                 subsets: Optional[Sequence[Subset]] = None, with_hd95: bool = True,
                                 num_processes_segmentation_export: int = 3, progress: bool = True) -> dict:
@@ -178,8 +178,8 @@ def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, 
 
     nnU-Net's chatter goes to ``out_dir/predictions/predict.log`` so the progress bar stays readable.
     """
+    predictor, model_folder, names = model.predictor, model.folder, model.channel_names
     dataset_json = predictor.dataset_json
-    names = channel_names(dataset_json)
     ending = dataset_json["file_ending"]
     case_ids = validation_cases(dataset_name, fold)
     if not case_ids:
@@ -190,7 +190,7 @@ def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, 
     region_values = [r for r, _ in regions]
     reader = predictor.plans_manager.image_reader_writer_class()
     subsets = list(subsets) if subsets is not None else all_subsets(len(names))
-    if ds_network(predictor) is None and len(subsets) > 1:
+    if model.ds is None and len(subsets) > 1:
         warnings.warn(f"{predictor.trainer_name} does not use a Dynamic Sharing network: absent channels are "
                       f"zero-filled for it", UserWarning, stacklevel=2)
 
@@ -248,7 +248,7 @@ def evaluate_missing_modalities(predictor: nnUNetPredictor, model_folder: Path, 
         "plans": predictor.plans_manager.plans_name,
         "fold": fold,
         "checkpoint": checkpoint,
-        "network": "dynamic sharing" if ds_network(predictor) is not None else "other (absent channels zero-filled)",
+        "network": "dynamic sharing" if model.ds is not None else "other (absent channels zero-filled)",
         "channels": names,
         "regions": [name for _, name in regions],
         "cases": case_ids,

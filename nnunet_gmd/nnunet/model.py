@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -101,6 +102,27 @@ def ds_network(predictor: nnUNetPredictor) -> Optional[DSNetworkBase]:
     """The predictor's network if it is a Dynamic Sharing network (it can switch branches off), else None."""
     net = unwrap(predictor.network)
     return net if isinstance(net, DSNetworkBase) else None
+
+
+@dataclass
+class TrainedModel:
+    """A loaded model folder: what ``predict`` and ``evaluate`` read of it, in one place."""
+
+    folder: Path
+    predictor: nnUNetPredictor
+    channel_names: list[str]
+    ds: Optional[DSNetworkBase]   # None: not a DS network; absent channels are zero-filled for it
+
+    @classmethod
+    def load(cls, folder: Path, folds: Sequence[int | str], checkpoint: str = "checkpoint_final.pth",
+             device: str = "cuda", step_size: float = 0.5, use_mirroring: bool = True, verbose: bool = False,
+             allow_tqdm: bool = True) -> "TrainedModel":
+        predictor = load_predictor(folder, folds, checkpoint, device, step_size, use_mirroring, verbose, allow_tqdm)
+        return cls(Path(folder), predictor, channel_names(predictor.dataset_json), ds_network(predictor))
+
+    @property
+    def trainer_name(self) -> str:
+        return self.predictor.trainer_name
 
 
 def refuse_cascade(predictor: nnUNetPredictor) -> None:
