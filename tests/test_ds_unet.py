@@ -78,8 +78,18 @@ def test_all_missing_and_wrong_shapes_are_clear_errors():
         net(x, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="expected 4 modality channels"):
         net(torch.randn(1, 3, 16, 16, 16))
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="a modality in every row"):
         net.set_default_available(torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="a modality in every row"):
+        net.set_default_available(torch.tensor([[True, False, False, False], [False] * 4]))
+    # a per-sample default (nnU-Net's validation step on incomplete cases) equals passing the mask
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    net.eval()
+    with torch.no_grad():
+        expected = net(x, mask)
+        net.set_default_available(mask)
+        torch.testing.assert_close(net(x), expected)
+        net.set_default_available(None)
 
 
 def test_cost_falls_with_fewer_modalities():
