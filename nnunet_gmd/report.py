@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nnunet_gmd.errors import UserError  # noqa: E402
-from nnunet_gmd.atomic import atomic_write, json_safe, write_json, write_text  # noqa: E402
+from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
 
 REPORT_JSON = "missing_modality_report.json"
 REPORT_CSV = "missing_modality_report.csv"
@@ -163,8 +163,7 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"json": out_dir / REPORT_JSON, "csv": out_dir / REPORT_CSV, "markdown": out_dir / REPORT_MD,
              "heatmap": out_dir / REPORT_PNG}
-    safe = json_safe(report)
-    write_json(paths["json"], safe)
+    write_json(paths["json"], report)   # strict JSON: NaN becomes null there
     write_text(paths["csv"], to_csv(report))
     write_text(paths["markdown"], to_markdown(report))
     plot_heatmap(report, paths["heatmap"])

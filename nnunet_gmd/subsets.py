@@ -70,7 +70,9 @@ class SubsetSampler:
         """This step's subsets. ``allowed`` restricts the draw to the subsets a batch can supply (a batch of
         incomplete cases cannot supply every subset); ``include_full`` then holds only when the full set is
         allowed, and fewer than ``k`` come back when fewer are allowed."""
-        subsets = self.subsets if allowed is None else [s for s in self.subsets if s in set(allowed)]
+        if allowed is not None:
+            allowed = set(allowed)
+        subsets = self.subsets if allowed is None else [s for s in self.subsets if s in allowed]
         if not subsets:
             return []
         full = self.subsets[-1]

@@ -30,6 +30,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from nnunet_gmd.atomic import write_json
+from nnunet_gmd.availability import AVAILABILITY_FILE
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.nifti import cannot, nifti_problem
 
@@ -113,9 +114,6 @@ def _header(path: Path, case_id: str) -> _Grid:
 
 def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(round(float(v), 4) for v in values)
-
-
-TRAINING_AVAILABILITY_FILE = "modality_availability.json"
 
 
 def check_case(case: BratsCase, need_all_channels: bool) -> None:
@@ -272,7 +270,7 @@ def convert_brats(src: Path, dataset_id: int, name: str = "BraTS", raw_root: Opt
     try:
         _write_cases(cases, tmp, folder_name, convention)
         if allow_missing:
-            write_json(tmp / TRAINING_AVAILABILITY_FILE,
+            write_json(tmp / AVAILABILITY_FILE,
                        {c.case_id: [n for n in CHANNEL_NAMES.values() if n in c.channels] for c in labelled})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no hidden half-written dataset after an error
@@ -324,7 +322,7 @@ def summary(dataset_folder: Path) -> str:
     n_test = len({p.name.rsplit("_", 1)[0] for p in (dataset_folder / "imagesTs").glob("*.nii.gz")}) \
         if (dataset_folder / "imagesTs").is_dir() else 0
     line = f"wrote {dataset_folder} ({ds['numTraining']} training cases, {n_test} unlabelled cases in imagesTs)"
-    record = dataset_folder / TRAINING_AVAILABILITY_FILE
+    record = dataset_folder / AVAILABILITY_FILE
     if record.is_file():
         cases = json.loads(record.read_text())
         incomplete = sum(len(v) < len(CHANNEL_NAMES) for v in cases.values())

@@ -40,52 +40,36 @@ BUDGET_ENV_VARS = {
 }
 
 
+def _env_number(var: str, parse: type, valid, what: str, environ: dict | None = None):
+    """``environ[var]`` parsed with ``parse`` and checked with ``valid``; None when unset or empty."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(var, "").strip()
+    if not raw:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise ValueError(f"environment variable {var}={raw!r} must be {what}")
+    return value
+
+
 def budget_from_env(environ: dict | None = None) -> dict[str, int]:
     """Trainer attributes to override, read from the budget environment variables that are set."""
-    environ = os.environ if environ is None else environ
-    out = {}
-    for var, attribute in BUDGET_ENV_VARS.items():
-        raw = environ.get(var, "").strip()
-        if not raw:
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"environment variable {var}={raw!r} must be a positive integer") from None
-        if value < 1:
-            raise ValueError(f"environment variable {var}={raw!r} must be a positive integer")
-        out[attribute] = value
-    return out
+    values = {attribute: _env_number(var, int, lambda v: v >= 1, "a positive integer", environ)
+              for var, attribute in BUDGET_ENV_VARS.items()}
+    return {attribute: v for attribute, v in values.items() if v is not None}
 
 
 def initial_lr_from_env(environ: dict | None = None) -> float | None:
     """``NNUNET_GMD_INITIAL_LR`` as a positive float, or None when unset (for learning-rate studies)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(INITIAL_LR_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {INITIAL_LR_ENV}={raw!r} must be a positive number") from None
-    if not value > 0:
-        raise ValueError(f"environment variable {INITIAL_LR_ENV}={raw!r} must be a positive number")
-    return value
+    return _env_number(INITIAL_LR_ENV, float, lambda v: v > 0, "a positive number", environ)
 
 
 def seed_from_env(environ: dict | None = None) -> int | None:
     """``NNUNET_GMD_SEED`` as a non-negative integer, or None when unset."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(SEED_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {SEED_ENV}={raw!r} must be a non-negative integer") from None
-    if value < 0:
-        raise ValueError(f"environment variable {SEED_ENV}={raw!r} must be a non-negative integer")
-    return value
+    return _env_number(SEED_ENV, int, lambda v: v >= 0, "a non-negative integer", environ)
 
 
 def derived_seed(base: int, environ: dict | None = None) -> int:
@@ -115,17 +99,7 @@ def num_threads_from_env(environ: dict | None = None) -> int | None:
     ``nnUNetv2_train -device cpu`` sets torch's intra-op threads to every core. On a shared CPU (several jobs on
     two cores) that oversubscribes: threads spin at every op's barrier and a step runs many times slower.
     """
-    environ = os.environ if environ is None else environ
-    raw = environ.get(NUM_THREADS_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"environment variable {NUM_THREADS_ENV}={raw!r} must be a positive integer")
-    return value
+    return _env_number(NUM_THREADS_ENV, int, lambda v: v >= 1, "a positive integer", environ)
 
 
 def apply_budget_from_env(trainer) -> None:

@@ -86,44 +86,23 @@ def _load_for_training(args: argparse.Namespace) -> tuple[SentimentData, bool]:
     return split_by_videos(table, videos), True
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return n
+def _number(parse: type, valid, what: str):
+    """An argparse ``type=``: ``parse`` the value, refuse it unless ``valid`` (one line, no traceback)."""
+    def convert(value: str):
+        try:
+            x = parse(value)
+        except ValueError:
+            x = None
+        if x is None or x != x or not valid(x):   # x != x: NaN
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
+        return x
+    return convert
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = float("nan")
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
-    return x
-
-
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = float("nan")
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {value!r}")
-    return x
-
-
-def _nonnegative_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = float("nan")
-    if not 0 <= x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value!r}")
-    return x
+_positive_int = _number(int, lambda n: n >= 1, "a positive integer")
+_positive_float = _number(float, lambda x: 0 < x < float("inf"), "a positive number")
+_fraction = _number(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+_nonnegative_float = _number(float, lambda x: 0 <= x < float("inf"), "a non-negative number")
 
 
 def _output_folder(value: str) -> str:
