@@ -60,6 +60,7 @@ def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
 
         return bench_fast.step_fn(method, cfg), None
     from nnunet_gmd import gmd
+    from nnunet_gmd.gmd_fast import ds_mean_backward
     from nnunet_gmd.gmd_reference import reference_gmd_grads
     from nnunet_gmd.subsets import SubsetSampler, all_subsets
 
@@ -72,7 +73,7 @@ def step_fn(method: str, cfg: dict) -> tuple[Callable[[], None], nn.Module]:
 
     def plain():
         opt.zero_grad(set_to_none=True)
-        torch.stack(gmd.ds_subset_losses(net, x, subsets, loss)).mean().backward()
+        ds_mean_backward(net, x, subsets, loss)   # what nnUNetTrainerDS takes per step
         opt.step()
 
     def reference():

@@ -68,6 +68,19 @@ def weighted_ds_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset
     return torch.stack([loss.detach().float() for loss in losses]).cpu()
 
 
+def ds_mean_backward(network: nn.Module, x: Tensor, subsets: Sequence[Subset], subset_loss: SubsetLoss, *,
+                     sync_distributed: bool = True) -> Tensor:
+    """The DS ablation's step: the gradient of the mean subset loss, in one backward.
+
+    It is the weighted merge above with every weight ``1/K`` and no mean rule, so the ablation and amortised GMD
+    share one code path (the trainers, the MONAI update and ``bench gmd`` all call this). Returns the detached
+    subset losses, shape ``(K,)``.
+    """
+    weights = torch.full((len(subsets),), 1.0 / max(len(subsets), 1), dtype=torch.float64)
+    return weighted_ds_backward(network, x, subsets, subset_loss, weights, reduction="sum",
+                                sync_distributed=sync_distributed)
+
+
 @dataclass
 class FastStep:
     """What one amortised step did. ``stats`` is the exact step's statistics, ``None`` on a reuse step."""

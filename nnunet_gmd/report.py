@@ -1,5 +1,5 @@
-"""Missing-modality robustness reports (``missing_modality_report.json``), the one format both integrations write:
-JSON, CSV, Markdown and a heatmap, and side-by-side comparison.
+"""Missing-modality robustness reports (``missing_modality_report.json``): the :class:`Report` type that both
+integrations produce, its JSON, CSV, Markdown and heatmap forms, and side-by-side comparison.
 
 One format for every trainer (GMD, DS, stock nnU-Net with zero-filled channels), so methods are compared on the
 same footing. Every file is written atomically: readers never see half a report.
@@ -11,8 +11,9 @@ import io
 import json
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 
@@ -30,7 +31,180 @@ REPORT_PNG = "missing_modality_report.png"
 _REQUIRED = ("trainer", "dataset", "channels", "subsets", "mean")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- the type
+Metrics = dict[str, dict[str, Optional[float]]]   # region -> metric ("dice", "hd95", ...) -> value; None: undefined
+_KNOWN_KEYS = ("trainer", "dataset", "channels", "regions", "cases", "subsets", "mean")
+
+
+@dataclass
+class SubsetResult:
+    """The scores under one modality subset: per region and metric, averaged over ``n_cases`` cases."""
+
+    available: list[str]
+    metrics: Metrics
+    n_cases: Optional[int] = None   # None only in reports written before nnunet-gmd counted cases
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.available)
+
+    def mean_dice(self) -> float:
+        """Dice averaged over the regions (NaN regions skipped; NaN when none is defined)."""
+        values = [v for v in (_value(b.get("dice")) for b in self.metrics.values()) if not math.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass
+class Report:
+    """A missing-modality robustness report, what ``missing_modality_report.json`` holds.
+
+    Both integrations produce it (``nnunet-gmd evaluate`` and the MONAI bundle's evaluator), so every reader,
+    comparison and plot works on either. ``mean`` defaults to the mean over subsets (NaN-aware), the paper's
+    headline figure. ``details`` carries the producer's provenance (configuration, plans, fold, checkpoint,
+    network) as it is written to the JSON.
+    """
+
+    trainer: str
+    dataset: str
+    channels: list[str]
+    subsets: list[SubsetResult]
+    regions: list[str] = field(default_factory=list)
+    cases: list[str] = field(default_factory=list)
+    mean: Optional[Metrics] = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.regions:
+            self.regions = list(self.subsets[0].metrics) if self.subsets else []
+        if self.mean is None:
+            self.mean = mean_over_subsets(self.subsets)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, source: str = "report") -> None:
+        """Raise :class:`UserError` naming ``source`` and the first problem found."""
+        def fail(problem: str) -> None:
+            raise UserError(f"{source}: {problem}")
+
+        if not isinstance(self.trainer, str) or not isinstance(self.dataset, str):
+            fail("'trainer' and 'dataset' must be strings")
+        if not self.channels or not all(isinstance(c, str) for c in self.channels):
+            fail("'channels' must be a non-empty list of names")
+        known = {c.lower() for c in self.channels}
+        seen: set[tuple[str, ...]] = set()
+        for entry in self.subsets:
+            name = entry.label or "(empty)"
+            if not entry.available or any(not isinstance(c, str) or c.lower() not in known for c in entry.available):
+                fail(f"subset {name} names sequences that are not among the channels {', '.join(self.channels)}")
+            key = tuple(c.lower() for c in entry.available)
+            if key in seen:
+                fail(f"subset {name} appears twice")
+            seen.add(key)
+            if entry.n_cases is not None and (not isinstance(entry.n_cases, int) or entry.n_cases < 0):
+                fail(f"subset {name}: n_cases must be a count, got {entry.n_cases!r}")
+            unknown = [r for r in entry.metrics if r not in self.regions]
+            if unknown:
+                fail(f"subset {name} scores {unknown[0]!r}, which is not among the regions {', '.join(self.regions)}")
+            for region, block in entry.metrics.items():
+                if not isinstance(block, dict):
+                    fail(f"subset {name}, {region}: metrics must be a mapping such as {{'dice': 0.8}}")
+                for metric, value in block.items():
+                    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                        fail(f"subset {name}, {region} {metric}: {value!r} is not a number")
+                    if metric == "dice" and value is not None and not (0.0 <= value <= 1.0 or math.isnan(value)):
+                        fail(f"subset {name}, {region}: Dice {value} is outside [0, 1]")
+
+    # ------------------------------------------------------------------ JSON form
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "report") -> "Report":
+        if not isinstance(data, dict) or any(k not in data for k in _REQUIRED):
+            raise UserError(f"{source} is not a missing-modality report (needs keys {', '.join(_REQUIRED)})")
+        entries = data["subsets"]
+        if not isinstance(entries, list) or any(not isinstance(e, dict) or "available" not in e
+                                                or "metrics" not in e for e in entries):
+            raise UserError(f"{source}: every subset entry needs 'available' and 'metrics'")
+        subsets = [SubsetResult([str(c) for c in e["available"]] if isinstance(e["available"], list) else [],
+                                e["metrics"] if isinstance(e["metrics"], dict) else {}, e.get("n_cases"))
+                   for e in entries]
+        try:
+            return cls(trainer=data["trainer"], dataset=data["dataset"], channels=list(data["channels"]),
+                       subsets=subsets, regions=list(data.get("regions") or []),
+                       cases=[str(c) for c in data.get("cases") or []], mean=data["mean"],
+                       details={k: v for k, v in data.items() if k not in _KNOWN_KEYS})
+        except UserError as e:
+            raise UserError(str(e).replace("report:", f"{source}:", 1)) from None
+
+    def to_dict(self) -> dict:
+        """The JSON layout of ``missing_modality_report.json`` (unchanged since the first release)."""
+        out: dict[str, Any] = {"trainer": self.trainer, "dataset": self.dataset, **self.details,
+                               "channels": list(self.channels), "regions": list(self.regions)}
+        if self.cases:
+            out["cases"] = list(self.cases)
+        out["subsets"] = [{"available": list(e.available), **({} if e.n_cases is None else {"n_cases": e.n_cases}),
+                           "metrics": e.metrics} for e in self.subsets]
+        out["mean"] = self.mean
+        return out
+
+    @classmethod
+    def from_json(cls, path: Path) -> "Report":
+        """Read a report, with a one-line error naming the file for anything that is not one."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"{path} is a folder, not a report file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_json(self, path: Path) -> Path:
+        """Write the strict-JSON form atomically (NaN becomes null)."""
+        write_json(Path(path), self.to_dict())
+        return Path(path)
+
+    # ------------------------------------------------------------------ views
+    def subset(self, available: Sequence[str]) -> Optional[SubsetResult]:
+        wanted = [c.lower() for c in available]
+        return next((e for e in self.subsets if [c.lower() for c in e.available] == wanted), None)
+
+    @property
+    def full_set(self) -> Optional[SubsetResult]:
+        return self.subset(self.channels)
+
+    def metric_names(self) -> list[str]:
+        """Metrics present in the report, Dice first (HD95 only when evaluate computed it)."""
+        found: list[str] = []
+        for entry in self.subsets:
+            for block in entry.metrics.values():
+                found += [m for m in block if m not in found]
+        return sorted(found, key=lambda m: (m != "dice", m))
+
+    def dice_matrix(self) -> np.ndarray:
+        """Subsets x regions Dice matrix (NaN where undefined)."""
+        return np.array([[_value(e.metrics.get(r, {}).get("dice")) for r in self.regions] for e in self.subsets],
+                        dtype=float).reshape(len(self.subsets), len(self.regions))
+
+    def mean_of_means(self) -> float:
+        """Mean over subsets of the mean Dice over regions (NaN subsets skipped)."""
+        values = [v for v in (e.mean_dice() for e in self.subsets) if not math.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+
+def mean_over_subsets(subsets: Sequence[SubsetResult]) -> Metrics:
+    """Per region and metric, the mean over subsets (NaN-aware), as the paper averages over all 15 subsets."""
+    collected: dict[str, dict[str, list[float]]] = {}
+    for entry in subsets:
+        for region, block in entry.metrics.items():
+            for metric, value in block.items():
+                if metric != "n_cases":
+                    collected.setdefault(region, {}).setdefault(metric, []).append(_value(value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a region without any value stays NaN
+        return {r: {m: float(np.nanmean(v)) for m, v in ms.items()} for r, ms in collected.items()}
+
+
 def _value(x: Optional[float]) -> float:
     return float("nan") if x is None else float(x)
 
@@ -40,56 +214,21 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def subset_label(entry: dict) -> str:
-    return "+".join(entry["available"])
-
-
-def regions_of(report: dict) -> list[str]:
-    return list(report.get("regions") or (report["subsets"][0]["metrics"].keys() if report["subsets"] else []))
-
-
-def metrics_of(report: dict) -> list[str]:
-    """Metrics present in the report, Dice first (HD95 only when evaluate computed it)."""
-    found: list[str] = []
-    for entry in report["subsets"]:
-        for block in entry["metrics"].values():
-            found += [m for m in block if m not in found]
-    return sorted(found, key=lambda m: (m != "dice", m))
-
-
-def mean_dice(entry: dict) -> float:
-    """Dice averaged over the regions of one subset (NaN regions skipped)."""
-    values = [_value(b.get("dice")) for b in entry["metrics"].values()]
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _mean_of_means(report: dict) -> float:
-    values = [v for v in (mean_dice(e) for e in report["subsets"]) if not math.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def dice_matrix(report: dict) -> np.ndarray:
-    """Subsets x regions Dice matrix (NaN where undefined)."""
-    regions = regions_of(report)
-    return np.array([[_value(e["metrics"].get(r, {}).get("dice")) for r in regions] for e in report["subsets"]],
-                    dtype=float).reshape(len(report["subsets"]), len(regions))
-
-
 # ---------------------------------------------------------------------------------------------- one report
-def to_csv(report: dict) -> str:
+def to_csv(report: Report) -> str:
     """One row per subset: each region's metrics and the mean Dice over regions; last row: mean over subsets."""
-    regions, metrics = regions_of(report), metrics_of(report)
+    regions, metrics = report.regions, report.metric_names()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["available", "n_channels"] + [f"{r} {m}" for m in metrics for r in regions] + ["mean dice"])
-    for e in report["subsets"]:
-        w.writerow([subset_label(e), len(e["available"])]
-                   + [_csv_num(e["metrics"].get(r, {}).get(m)) for m in metrics for r in regions]
-                   + [_csv_num(mean_dice(e))])
-    mean = report["mean"]
-    w.writerow(["mean over subsets", ""] + [_csv_num(mean.get(r, {}).get(m)) for m in metrics for r in regions]
-               + [_csv_num(_mean_of_means(report))])
+    w.writerow(["available", "n_channels", "n_cases"] + [f"{r} {m}" for m in metrics for r in regions]
+               + ["mean dice"])
+    for e in report.subsets:
+        w.writerow([e.label, len(e.available), "" if e.n_cases is None else e.n_cases]
+                   + [_csv_num(e.metrics.get(r, {}).get(m)) for m in metrics for r in regions]
+                   + [_csv_num(e.mean_dice())])
+    w.writerow(["mean over subsets", "", ""]
+               + [_csv_num(report.mean.get(r, {}).get(m)) for m in metrics for r in regions]
+               + [_csv_num(report.mean_of_means())])
     return buf.getvalue()
 
 
@@ -98,31 +237,32 @@ def _csv_num(x: Optional[float]) -> str:
     return "" if math.isnan(x) else f"{x:.6g}"
 
 
-def to_markdown(report: dict) -> str:
-    regions, metrics = regions_of(report), metrics_of(report)
-    lines = [f"# Missing-modality robustness: {report['trainer']} on {report['dataset']}", ""]
-    details = [f"channels: {', '.join(report['channels'])}"]
+def to_markdown(report: Report) -> str:
+    regions, metrics = report.regions, report.metric_names()
+    lines = [f"# Missing-modality robustness: {report.trainer} on {report.dataset}", ""]
+    details = [f"channels: {', '.join(report.channels)}"]
     for key in ("configuration", "fold", "network"):
-        if key in report:
-            details.append(f"{key}: {report[key]}")
-    if "cases" in report:
-        details.append(f"{len(report['cases'])} validation case(s)")
+        if key in report.details:
+            details.append(f"{key}: {report.details[key]}")
+    if report.cases:
+        details.append(f"{len(report.cases)} validation case(s)")
     lines += ["; ".join(details), ""]
+    with_counts = any(e.n_cases is not None for e in report.subsets)
     for m in metrics:
         title = {"dice": "Dice (higher is better)", "hd95": "HD95 in mm (lower is better)"}.get(m, m)
         lines += [f"## {title}", ""]
-        head = ["available"] + regions + (["mean"] if m == "dice" else [])
+        head = ["available"] + (["cases"] if with_counts else []) + regions + (["mean"] if m == "dice" else [])
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        for e in report["subsets"]:
-            row = [subset_label(e)] + [_fmt(e["metrics"].get(r, {}).get(m), 3 if m == "dice" else 2)
-                                       for r in regions]
+        for e in report.subsets:
+            row = [e.label] + ([str(e.n_cases) if e.n_cases is not None else "n/a"] if with_counts else [])
+            row += [_fmt(e.metrics.get(r, {}).get(m), 3 if m == "dice" else 2) for r in regions]
             if m == "dice":
-                row.append(_fmt(mean_dice(e)))
+                row.append(_fmt(e.mean_dice()))
             lines.append("| " + " | ".join(row) + " |")
-        mean_row = ["**mean over subsets**"] + [_fmt(report["mean"].get(r, {}).get(m), 3 if m == "dice" else 2)
-                                                for r in regions]
+        mean_row = ["**mean over subsets**"] + ([""] if with_counts else [])
+        mean_row += [_fmt(report.mean.get(r, {}).get(m), 3 if m == "dice" else 2) for r in regions]
         if m == "dice":
-            mean_row.append(_fmt(_mean_of_means(report)))
+            mean_row.append(_fmt(report.mean_of_means()))
         lines += ["| " + " | ".join(mean_row) + " |", ""]
     return "\n".join(lines)
 
@@ -146,82 +286,69 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_heatmap(report: dict, path: Path) -> None:
+def plot_heatmap(report: Report, path: Path) -> None:
     """Subsets x regions Dice, with the mean over regions as the last column."""
-    matrix = dice_matrix(report)
-    means = np.array([[mean_dice(e)] for e in report["subsets"]])
-    full = np.hstack([matrix, means]) if len(report["subsets"]) else matrix
-    rows = [subset_label(e) for e in report["subsets"]]
+    matrix = report.dice_matrix()
+    means = np.array([[e.mean_dice()] for e in report.subsets])
+    full = np.hstack([matrix, means]) if report.subsets else matrix
+    rows = [e.label for e in report.subsets]
     fig, ax = plt.subplots(figsize=(1.2 * full.shape[1] + 2.5, 0.32 * len(rows) + 1.6))
-    im = _heatmap(ax, full, rows, regions_of(report) + ["mean"], f"Dice: {report['trainer']} ({report['dataset']})")
+    im = _heatmap(ax, full, rows, report.regions + ["mean"], f"Dice: {report.trainer} ({report.dataset})")
     fig.colorbar(im, ax=ax, fraction=0.05)
     _save_figure(fig, path)
 
 
-def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
+def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     """Write the JSON, CSV, Markdown and PNG forms of a report into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / REPORT_JSON, "csv": out_dir / REPORT_CSV, "markdown": out_dir / REPORT_MD,
              "heatmap": out_dir / REPORT_PNG}
-    write_json(paths["json"], report)   # strict JSON: NaN becomes null there
+    report.to_json(paths["json"])
     write_text(paths["csv"], to_csv(report))
     write_text(paths["markdown"], to_markdown(report))
     plot_heatmap(report, paths["heatmap"])
     return paths
 
 
-def load_report(path: Path) -> dict:
-    """Read a report written by ``nnunet-gmd evaluate``, with a clear error for anything else."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(report, dict) or any(k not in report for k in _REQUIRED):
-        raise UserError(f"{path} is not a missing-modality report (needs keys {', '.join(_REQUIRED)})")
-    for e in report["subsets"]:
-        if not isinstance(e, dict) or "available" not in e or "metrics" not in e:
-            raise UserError(f"{path}: every subset entry needs 'available' and 'metrics'")
-    return report
+def load_report(path: Path) -> Report:
+    """Read a report written by ``nnunet-gmd evaluate`` or the MONAI bundle, with a clear error for anything else."""
+    return Report.from_json(path)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
-def comparison_labels(reports: Sequence[dict], paths: Sequence[Path]) -> list[str]:
+def comparison_labels(reports: Sequence[Report], paths: Sequence[Path]) -> list[str]:
     """Trainer names, made unique with the report's folder name where two reports share a trainer."""
-    trainers = [r["trainer"] for r in reports]
+    trainers = [r.trainer for r in reports]
     labels = [f"{t} ({Path(p).resolve().parent.name})" if trainers.count(t) > 1 else t
               for t, p in zip(trainers, paths)]
     return [f"{label} #{i + 1}" if labels.count(label) > 1 else label  # same folder name too: number them
             for i, label in enumerate(labels)]
 
 
-def check_comparable(reports: Sequence[dict], paths: Sequence[Path]) -> None:
+def check_comparable(reports: Sequence[Report], paths: Sequence[Path]) -> None:
     first = reports[0]
     for r, p in zip(reports[1:], paths[1:]):
-        if [c.lower() for c in r["channels"]] != [c.lower() for c in first["channels"]]:
-            raise UserError(f"{p} has channels {', '.join(r['channels'])}, but {paths[0]} has "
-                            f"{', '.join(first['channels'])}; only reports on the same channels compare")
-        if regions_of(r) != regions_of(first):
-            raise UserError(f"{p} scores {', '.join(regions_of(r))}, but {paths[0]} scores "
-                            f"{', '.join(regions_of(first))}")
+        if [c.lower() for c in r.channels] != [c.lower() for c in first.channels]:
+            raise UserError(f"{p} has channels {', '.join(r.channels)}, but {paths[0]} has "
+                            f"{', '.join(first.channels)}; only reports on the same channels compare")
+        if r.regions != first.regions:
+            raise UserError(f"{p} scores {', '.join(r.regions)}, but {paths[0]} scores {', '.join(first.regions)}")
 
 
-def comparison_rows(reports: Sequence[dict], region: Optional[str] = None) -> tuple[list[str], np.ndarray]:
+def comparison_rows(reports: Sequence[Report], region: Optional[str] = None) -> tuple[list[str], np.ndarray]:
     """Subsets (union, in the first report's order) x reports: Dice of ``region``, or mean Dice over regions."""
     order: list[str] = []
     for r in reports:
-        order += [subset_label(e) for e in r["subsets"] if subset_label(e) not in order]
+        order += [e.label for e in r.subsets if e.label not in order]
     table = np.full((len(order), len(reports)), np.nan)
     for j, r in enumerate(reports):
-        for e in r["subsets"]:
-            i = order.index(subset_label(e))
-            table[i, j] = mean_dice(e) if region is None else _value(e["metrics"].get(region, {}).get("dice"))
+        for e in r.subsets:
+            i = order.index(e.label)
+            table[i, j] = e.mean_dice() if region is None else _value(e.metrics.get(region, {}).get("dice"))
     return order, table
 
 
-def compare_table(reports: Sequence[dict], labels: Sequence[str], region: Optional[str] = None) -> str:
+def compare_table(reports: Sequence[Report], labels: Sequence[str], region: Optional[str] = None) -> str:
     """Markdown table: one row per subset, one column per report, plus the mean over subsets."""
     rows, table = comparison_rows(reports, region)
     what = f"{region} Dice" if region else "Dice, mean over regions"
@@ -238,21 +365,21 @@ def compare_table(reports: Sequence[dict], labels: Sequence[str], region: Option
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(reports: Sequence[dict], labels: Sequence[str], path: Path) -> None:
+def plot_comparison(reports: Sequence[Report], labels: Sequence[str], path: Path) -> None:
     """One subsets x regions Dice heatmap per report, side by side on one colour scale."""
     rows, _ = comparison_rows(reports)
-    regions = regions_of(reports[0])
+    regions = reports[0].regions
     fig, axes = plt.subplots(1, len(reports), figsize=(1.3 * (len(regions) + 1) * len(reports) + 3,
                                                        0.32 * len(rows) + 1.8), squeeze=False)
     im = None
     for j, (r, label) in enumerate(zip(reports, labels)):
-        by_name = {subset_label(e): e for e in r["subsets"]}
+        by_name = {e.label: e for e in r.subsets}
         matrix = np.full((len(rows), len(regions) + 1), np.nan)
         for i, name in enumerate(rows):
             if name in by_name:
                 e = by_name[name]
-                matrix[i, :-1] = [_value(e["metrics"].get(reg, {}).get("dice")) for reg in regions]
-                matrix[i, -1] = mean_dice(e)
+                matrix[i, :-1] = [_value(e.metrics.get(reg, {}).get("dice")) for reg in regions]
+                matrix[i, -1] = e.mean_dice()
         im = _heatmap(axes[0, j], matrix, rows, regions + ["mean"], label, show_rows=(j == 0))
     fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label="Dice")
     _save_figure(fig, path)

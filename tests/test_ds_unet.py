@@ -157,3 +157,37 @@ def test_fused_instance_norm_equals_norm_then_per_modality_affine():
     expected = nn.functional.instance_norm(x[2:3]) * fused.affines[2].weight.view(1, 5, 1, 1, 1) \
         + fused.affines[2].bias.view(1, 5, 1, 1, 1)
     torch.testing.assert_close(fused(x, counts)[2:3], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask, problem", [
+    (torch.tensor([True, False]), r"shape \(4,\) or \(2, 4\)"),
+    (torch.ones(3, 4, dtype=torch.bool), r"shape \(4,\) or \(2, 4\)"),
+    (torch.tensor([[True, False, False, False], [False] * 4]), "all-missing mask row"),
+])
+def test_the_unet_and_the_sentiment_model_apply_one_mask_rule(mask, problem):
+    from nnunet_gmd.sentiment.model import ModelConfig, build_model, check_availability
+
+    net = tiny_net(dim=2)
+    with pytest.raises(ValueError, match=problem):
+        net(torch.randn(2, 4, 16, 16), mask)
+    with pytest.raises(ValueError, match=problem):
+        check_availability(mask, 2, 4, torch.device("cpu"))
+    ok = torch.tensor([True, False, True, False])
+    assert torch.equal(check_availability(ok, 2, 4, torch.device("cpu")), ok.expand(2, 4))
+    assert torch.equal(net._mask(torch.zeros(2, 4, 8, 8), ok), ok.expand(2, 4))
+    sentiment = build_model(ModelConfig(feature_dims=(3, 4, 5), backbone="mlp"))
+    owners = sentiment.modality_of_parameters()
+    assert {o for o in owners.values()} == {None, 0, 1, 2}
+    assert all(o == int(n.split(".")[1]) for n, o in owners.items() if n.startswith("encoders."))
+
+
+def test_parameter_owners_follow_the_per_modality_containers():
+    from nnunet_gmd.networks.modality import modality_owners
+
+    names = ["encoder.stages.0.norm.affines.2.weight", "encoder.stages.0.conv.weight", "encoders.1.proj.weight",
+             "decoder.stages.0.norm.affines.3.bias", "head.weight", "affines.x.weight"]
+    assert modality_owners(names) == {names[0]: 2, names[1]: None, names[2]: 1, names[3]: 3, names[4]: None,
+                                      names[5]: None}
+    assert modality_owners(names, shared_prefixes=("decoder",))[names[3]] is None
+    counts = {o for o in tiny_net(dim=2).modality_of_parameters().values()}
+    assert counts == {None, 0, 1, 2, 3}

@@ -5,7 +5,8 @@ import torch
 from test_gmd import conflicting_subset_loss, seeded, tiny_ds
 
 from nnunet_gmd.gmd import ds_gmd_backward
-from nnunet_gmd.gmd_fast import AmortizedGMD, unimodal_and_full, weighted_ds_backward
+from nnunet_gmd.gmd import ds_subset_losses
+from nnunet_gmd.gmd_fast import AmortizedGMD, ds_mean_backward, unimodal_and_full, weighted_ds_backward
 from nnunet_gmd.subsets import all_subsets, subset_mask
 
 
@@ -49,6 +50,29 @@ def test_weighted_single_backward_equals_weighted_sum_of_separate_gradients(subs
         torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
         checked += 1
     assert checked > len(owners) // 2
+
+
+@pytest.mark.parametrize("fusion", ["logits", "mean"])
+def test_the_ds_ablation_step_is_the_gradient_of_the_mean_subset_loss(fusion):
+    """The DS "mean" ablation goes through the weighted merge (w = 1/K): the same gradient as one plain backward."""
+    subsets = [(0,), (1, 3), (0, 1, 2, 3)]
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64, generator=seeded(4))
+    loss = conflicting_subset_loss()
+    net = tiny_ds(fusion=fusion)
+    net.zero_grad(set_to_none=True)
+    torch.stack(ds_subset_losses(net, x, subsets, loss)).mean().backward()
+    want = grads_of(net)
+    net.zero_grad(set_to_none=True)
+    losses = ds_mean_backward(net, x, subsets, loss)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    compared = 0
+    for got, expected in zip(grads_of(net), want):
+        if expected is None:
+            assert got is None or not got.any()
+            continue
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        compared += 1
+    assert compared > len(want) // 2
 
 
 def test_interval_one_is_exact_gmd_step_for_step():

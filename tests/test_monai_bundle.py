@@ -218,7 +218,7 @@ def test_evaluate_writes_15_subset_report_consistent_with_inference(inferred, tr
     regions = ["whole tumor", "tumor core", "enhancing tumor"]
     for entry in report["subsets"]:
         assert list(entry["metrics"]) == regions
-        assert all(0.0 <= m["dice"] <= 1.0 and m["n_cases"] == 1 for m in entry["metrics"].values())
+        assert entry["n_cases"] == 1 and all(0.0 <= m["dice"] <= 1.0 for m in entry["metrics"].values())
     for region in regions:
         mean = np.mean([s["metrics"][region]["dice"] for s in report["subsets"]])
         assert report["mean"][region]["dice"] == pytest.approx(mean)

@@ -365,17 +365,18 @@ def test_report_dice_values_schema_and_order(tmp_path):
     assert path == tmp_path / "out" / "missing_modality_report.json"
     assert {p.suffix for p in path.parent.iterdir()} == {".json", ".csv", ".md", ".png"}
     content = load_report(path)  # the nnU-Net path's reader accepts it
-    assert content["trainer"] == "T" and content["dataset"] == "D" and content["channels"] == list(MODALITIES)
-    assert content["regions"] == ["whole tumor", "tumor core", "enhancing tumor"] and content["cases"] == ["c1", "c2"]
+    assert content.trainer == "T" and content.dataset == "D" and content.channels == list(MODALITIES)
+    assert content.regions == ["whole tumor", "tumor core", "enhancing tumor"] and content.cases == ["c1", "c2"]
     check_comparable([content, content], [path, path])
-    assert [s["available"] for s in content["subsets"]] == [["t1"], ["t1", "flair"]]  # all_subsets order
-    both = content["subsets"][1]["metrics"]
+    assert [s.available for s in content.subsets] == [["t1"], ["t1", "flair"]]  # all_subsets order
+    both = content.subsets[1].metrics
     assert list(both) == ["whole tumor", "tumor core", "enhancing tumor"]
     assert both["tumor core"]["dice"] == pytest.approx((2 / 3 + 1) / 2)
-    assert both["enhancing tumor"]["dice"] == pytest.approx(0.5) and both["whole tumor"]["n_cases"] == 2
-    # the number of cases behind each subset, in the field the nnU-Net report uses too
-    assert [s["n_cases"] for s in content["subsets"]] == [1, 2]
-    assert content["mean"]["tumor core"]["dice"] == pytest.approx((1 + (2 / 3 + 1) / 2) / 2)
+    assert both["enhancing tumor"]["dice"] == pytest.approx(0.5)
+    # the number of cases behind each subset, in the field the nnU-Net report uses too (the same fields)
+    assert [s.n_cases for s in content.subsets] == [1, 2]
+    assert all(set(block) == {"dice"} for s in content.subsets for block in s.metrics.values())
+    assert content.mean["tumor core"]["dice"] == pytest.approx((1 + (2 / 3 + 1) / 2) / 2)
     with pytest.raises(CaseListError, match="case 'c3'.*differs"):
         report.add("t1", "c3", pred, label[:, :2])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.report import REPORT_JSON, load_report, regions_of, subset_label
+from nnunet_gmd.report import REPORT_JSON, load_report
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,16 @@ def case_scores(method_dir: Path) -> CaseScores:
     """Per-case scores of one method folder (``reports/<method>``, holding the report and ``predictions/``)."""
     method_dir = Path(method_dir)
     report = load_report(method_dir / REPORT_JSON)
-    cases = [str(c) for c in report.get("cases", [])]
+    cases = list(report.cases)
     if not cases:
         raise UserError(f"{method_dir / REPORT_JSON} lists no cases (written by an older nnunet-gmd evaluate?)")
-    regions = regions_of(report)
-    full_name = "+".join(report["channels"])
+    regions = report.regions
+    full_name = "+".join(report.channels)
     missing: dict[str, list[float]] = {c: [] for c in cases}
     full: dict[str, float] = {c: math.nan for c in cases}
     n_missing = 0
-    for entry in report["subsets"]:
-        name = subset_label(entry)
+    for entry in report.subsets:
+        name = entry.label
         dice = _subset_dice(method_dir / "predictions" / name / "summary.json", cases, len(regions))
         if name == full_name:
             full = {c: _nanmean(dice[c]) for c in cases}

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
-from nnunet_gmd.report import comparison_rows, load_report, regions_of  # noqa: E402
+from nnunet_gmd.report import comparison_rows, load_report  # noqa: E402
 
 SHORT_REGION = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 MEAN_KINDS = ("all subsets", "missing modalities", "full set")
@@ -49,9 +49,9 @@ class Results:
         self.n_seeds = [len(g) for g in groups]
         self.reports = [load_report(p) for g in groups for p in g]      # method-major, seeds within
         self.owner = np.repeat(np.arange(len(groups)), self.n_seeds)    # method of each report
-        self.regions = regions_of(self.reports[0])
-        self.channels = list(self.reports[0]["channels"])
-        self.cases = list(self.reports[0].get("cases", []))
+        self.regions = list(self.reports[0].regions)
+        self.channels = list(self.reports[0].channels)
+        self.cases = list(self.reports[0].cases)
         tables = {region: comparison_rows(self.reports, region) for region in self.regions}
         self.subsets = tables[self.regions[0]][0]
         self.dice_per_report = np.stack([tables[r][1] for r in self.regions], axis=1)  # subsets x regions x reports

@@ -14,7 +14,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
-from nnunet_gmd.gmd import ds_gmd_backward, ds_subset_losses
+from nnunet_gmd.gmd import ds_gmd_backward
+from nnunet_gmd.gmd_fast import ds_mean_backward
 from nnunet_gmd.networks import unwrap
 from nnunet_gmd.subsets import SubsetSampler
 
@@ -91,12 +92,9 @@ class GMDIterationUpdate:
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         else:
-            loss_list = ds_subset_losses(network, inputs, subsets, subset_loss)
+            losses, conflicts = ds_mean_backward(network, inputs, subsets, subset_loss), 0
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            total = torch.stack(loss_list).mean()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            total.backward()
-            losses, conflicts = torch.stack([x.detach() for x in loss_list]), 0
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)

@@ -3,7 +3,7 @@
 The schema is shared with the nnU-Net path so both can be compared and plotted by the same tools::
 
     {"trainer": str, "dataset": str, "channels": [names],
-     "subsets": [{"available": [names], "n_cases": n, "metrics": {region: {"dice": x, "n_cases": n}}}],
+     "subsets": [{"available": [names], "n_cases": n, "metrics": {region: {"dice": x}}}],
      "mean": {region: {"dice": mean over subsets}}}
 
 Dice follows the BraTS convention for empty regions: 1 when both prediction and reference are empty, 0 when
@@ -22,7 +22,7 @@ from monai.metrics import compute_dice
 
 from nnunet_gmd.monai.brats import MODALITIES, REGION_KEYS, REGION_NAMES
 from nnunet_gmd.monai.data import CASE_KEY, SUBSET_KEY, CaseListError
-from nnunet_gmd.report import write_report
+from nnunet_gmd.report import Report, SubsetResult, write_report
 from nnunet_gmd.subsets import all_subsets, subset_name
 
 #: Region order in the report (independent of the network's channel order).
@@ -82,8 +82,8 @@ class MissingModalityReport:
         self.scores.setdefault(subset, {})[case] = values
         return values
 
-    def report(self) -> dict:
-        """The report dict over the subsets seen so far, in :func:`all_subsets` order."""
+    def report(self) -> Report:
+        """The report over the subsets seen so far, in :func:`all_subsets` order."""
         order = [subset_name(s, self.modalities) for s in all_subsets(len(self.modalities))]
         unknown = set(self.scores) - set(order)
         if unknown:
@@ -95,17 +95,12 @@ class MissingModalityReport:
             for region in REPORT_REGION_ORDER:
                 idx = self.region_keys.index(region)
                 values = [scores[idx] for scores in cases.values()]
-                metrics[REGION_NAMES[region]] = {"dice": sum(values) / len(values), "n_cases": len(values)}
-            subsets.append({"available": name.split("+"), "n_cases": len(cases), "metrics": metrics})
-        mean = {}
-        if subsets:
-            for region in REPORT_REGION_ORDER:
-                values = [s["metrics"][REGION_NAMES[region]]["dice"] for s in subsets]
-                mean[REGION_NAMES[region]] = {"dice": sum(values) / len(values)}
+                metrics[REGION_NAMES[region]] = {"dice": sum(values) / len(values)}
+            subsets.append(SubsetResult(name.split("+"), metrics, n_cases=len(cases)))
         cases = list(dict.fromkeys(case for per_case in self.scores.values() for case in per_case))
-        return {"trainer": self.trainer, "dataset": self.dataset, "network": "dynamic sharing",
-                "channels": list(self.modalities), "regions": [REGION_NAMES[r] for r in REPORT_REGION_ORDER],
-                "cases": cases, "subsets": subsets, "mean": mean}
+        return Report(trainer=self.trainer, dataset=self.dataset, channels=list(self.modalities), subsets=subsets,
+                      regions=[REGION_NAMES[r] for r in REPORT_REGION_ORDER], cases=cases,
+                      details={"network": "dynamic sharing"})
 
     def write(self, engine: Optional[Any] = None) -> Path:
         """Write ``missing_modality_report.{json,csv,md,png}``; returns the JSON's path."""

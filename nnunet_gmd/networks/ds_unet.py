@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import Tensor, nn
 
+from nnunet_gmd.networks.modality import expand_availability, modality_owners
+
 _TRANSPOSED = {nn.Conv1d: nn.ConvTranspose1d, nn.Conv2d: nn.ConvTranspose2d, nn.Conv3d: nn.ConvTranspose3d}
 
 
@@ -234,19 +236,9 @@ class DSNetworkBase(nn.Module):
 
     def _mask(self, x: Tensor, available: Optional[Tensor]) -> Tensor:
         self._check_channels(x)
-        b, m = x.shape[0], x.shape[1]
         if available is None:
             available = self._default_available
-        if available is None:
-            return torch.ones(b, m, dtype=torch.bool, device=x.device)
-        mask = available.to(device=x.device, dtype=torch.bool)
-        if mask.dim() == 1 and mask.shape[0] == m:
-            mask = mask.unsqueeze(0).expand(b, m)
-        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != m:
-            raise ValueError(f"availability mask must have shape ({m},) or ({b}, {m}), got {list(available.shape)}")
-        if not bool(mask.any(1).all()):
-            raise ValueError("every sample needs at least one available modality; got an all-missing mask row")
-        return mask
+        return expand_availability(available, x.shape[0], x.shape[1], x.device)
 
     def fold(self, x: Tensor, available: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, List[int]]:
         """Select the available branches into a ``(N, 1, *spatial)`` batch, modality-major.
@@ -286,12 +278,8 @@ class DSNetworkBase(nn.Module):
     @torch.jit.unused
     def modality_of_parameters(self) -> Dict[str, Optional[int]]:
         """Parameter name -> owning modality index, or ``None`` for weights shared by every branch."""
-        owners: Dict[str, Optional[int]] = {}
-        for name, _ in self.named_parameters():
-            parts = name.split(".")
-            per_modality = "affines" in parts and (self.per_modality_decoder or parts[0] == "encoder")
-            owners[name] = int(parts[parts.index("affines") + 1]) if per_modality else None
-        return owners
+        return modality_owners([name for name, _ in self.named_parameters()],
+                               shared_prefixes=() if self.per_modality_decoder else ("decoder",))
 
     @torch.jit.unused
     def set_default_available(self, available: Optional[Tensor]) -> None:

@@ -144,8 +144,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from nnunet_gmd.errors import UserError
     from nnunet_gmd.atomic import write_text
-    from nnunet_gmd.report import (check_comparable, compare_table, comparison_labels, load_report,
-                                          plot_comparison, regions_of)
+    from nnunet_gmd.report import check_comparable, compare_table, comparison_labels, load_report, plot_comparison
 
     paths = [Path(p) for p in args.reports]
     reports = [load_report(p) for p in paths]
@@ -153,8 +152,8 @@ def _compare(args: argparse.Namespace) -> int:
     if args.labels and len(args.labels) != len(reports):
         raise UserError(f"--labels needs one label per report ({len(reports)}), got {len(args.labels)}")
     labels = list(args.labels) if args.labels else comparison_labels(reports, paths)
-    if args.region and args.region not in regions_of(reports[0]):
-        raise UserError(f"--region {args.region!r} is not one of {', '.join(regions_of(reports[0]))}")
+    if args.region and args.region not in reports[0].regions:
+        raise UserError(f"--region {args.region!r} is not one of {', '.join(reports[0].regions)}")
     table = compare_table(reports, labels, args.region)
     print(table)
     out = Path(args.o)

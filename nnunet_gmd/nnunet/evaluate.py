@@ -34,6 +34,7 @@ from nnunet_gmd.nnunet.model import TrainedModel
 from nnunet_gmd.nnunet.cases import CaseFiles
 from nnunet_gmd.nnunet.predict import record_availability
 from nnunet_gmd.nnunet.subset_sweep import predict_case_subsets
+from nnunet_gmd.report import Report, SubsetResult
 from nnunet_gmd.subsets import Subset, all_subsets, subset_name
 
 Region = Union[int, tuple[int, ...]]
@@ -240,21 +241,12 @@ def evaluate_missing_modalities(model: TrainedModel, dataset_name: str,
             metrics = {name: _metric_block(summary["mean"][r], with_hd95) for r, name in regions}
         else:   # no case has these sequences: nothing to score
             metrics = {name: _metric_block({"Dice": None, "HD95": None}, with_hd95) for _, name in regions}
-        entries.append({"available": [names[i] for i in subset], "n_cases": len(per_case), "metrics": metrics})
-    return {
-        "trainer": predictor.trainer_name,
-        "dataset": dataset_name,
-        "configuration": configuration,
-        "plans": predictor.plans_manager.plans_name,
-        "fold": fold,
-        "checkpoint": checkpoint,
-        "network": "dynamic sharing" if model.ds is not None else "other (absent channels zero-filled)",
-        "channels": names,
-        "regions": [name for _, name in regions],
-        "cases": case_ids,
-        "subsets": entries,
-        "mean": mean_over_subsets(entries),
-    }
+        entries.append(SubsetResult([names[i] for i in subset], metrics, n_cases=len(per_case)))
+    details = {"configuration": configuration, "plans": predictor.plans_manager.plans_name, "fold": fold,
+               "checkpoint": checkpoint,
+               "network": "dynamic sharing" if model.ds is not None else "other (absent channels zero-filled)"}
+    return Report(trainer=predictor.trainer_name, dataset=dataset_name, channels=names, subsets=entries,
+                  regions=[name for _, name in regions], cases=case_ids, details=details)
 
 
 def _metric_block(mean: dict, with_hd95: bool) -> dict:
@@ -263,14 +255,3 @@ def _metric_block(mean: dict, with_hd95: bool) -> dict:
         block["hd95"] = mean["HD95"]
     return block
 
-
-def mean_over_subsets(entries: Sequence[dict]) -> dict:
-    """Per region and metric, the mean over subsets (NaN-aware), as the paper averages over all 15 subsets."""
-    out: dict = {}
-    for entry in entries:
-        for region, block in entry["metrics"].items():
-            for metric, value in block.items():
-                out.setdefault(region, {}).setdefault(metric, []).append(np.nan if value is None else value)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return {r: {m: float(np.nanmean(v)) for m, v in ms.items()} for r, ms in out.items()}

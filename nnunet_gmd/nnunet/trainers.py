@@ -27,8 +27,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
-from nnunet_gmd.gmd import GMDStats, backward_all_reduced, ds_gmd_backward, ds_subset_losses
-from nnunet_gmd.gmd_fast import AmortizedGMD, unimodal_and_full
+from nnunet_gmd.gmd import GMDStats, ds_gmd_backward
+from nnunet_gmd.gmd_fast import AmortizedGMD, ds_mean_backward, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
@@ -172,17 +172,12 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     def train_step(self, batch: dict) -> dict:
         data, target = self._batch_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        net = self._ds_network()
+        scaler = self.grad_scaler
         mask = self._batch_availability(batch)
-        with self._autocast():
-            losses = ds_subset_losses(net, data, self._step_subsets(mask), self._subset_loss(target, mask))
-            loss = torch.stack(losses).mean()
-        scaled = self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss
-        if self.is_ddp:  # the forward bypassed DDP's wrapper, so average the gradient ourselves, once
-            backward_all_reduced(scaled, list(net.parameters()))
-        else:
-            scaled.backward()
-        value = float(loss.detach())
+        with self._autocast():   # the forward bypasses DDP's wrapper; the core all-reduces the gradient once
+            losses = ds_mean_backward(self._ds_network(), data, self._step_subsets(mask),
+                                      self._subset_loss(target, mask, scaler))
+        value = float(losses.mean()) / (float(scaler.get_scale()) if scaler is not None else 1.0)
         taken = self._optimizer_step(value, batch)
         return {"loss": np.asarray(value), "skipped": not taken}
 

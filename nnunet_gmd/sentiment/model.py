@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnunet_gmd.networks import ModalityNorm
+from nnunet_gmd.networks.modality import expand_availability, modality_owners
 from nnunet_gmd.sentiment import MODALITIES
 
 
@@ -206,19 +207,8 @@ class InputEncoder(nn.Module):
 
 def check_availability(available: Optional[Tensor], batch_size: int, num_modalities: int,
                        device: torch.device) -> Tensor:
-    """Expand a ``(M,)`` mask to ``(B, M)`` (None: all available) and refuse malformed or all-missing rows."""
-    m = num_modalities
-    if available is None:
-        return torch.ones(batch_size, m, dtype=torch.bool, device=device)
-    mask = available.to(device=device, dtype=torch.bool)
-    if mask.dim() == 1:
-        mask = mask.unsqueeze(0).expand(batch_size, m)
-    if mask.dim() != 2 or mask.shape[0] != batch_size or mask.shape[1] != m:
-        raise ValueError(f"availability mask must have shape ({m},) or ({batch_size}, {m}), "
-                         f"got {list(available.shape)}")
-    if not bool(mask.any(1).all()):
-        raise ValueError("every sample needs at least one available modality; got an all-missing mask row")
-    return mask
+    """Expand and check a mask exactly as the DS U-Net does (one rule: :func:`expand_availability`)."""
+    return expand_availability(available, batch_size, num_modalities, device)
 
 
 class DSSentimentModel(nn.Module):
@@ -292,16 +282,7 @@ class DSSentimentModel(nn.Module):
 
     def modality_of_parameters(self) -> dict[str, Optional[int]]:
         """Parameter name -> owning modality index, or None for weights shared by every branch."""
-        owners: dict[str, Optional[int]] = {}
-        for name, _ in self.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "encoders":
-                owners[name] = int(parts[1])
-            elif "affines" in parts:
-                owners[name] = int(parts[parts.index("affines") + 1])
-            else:
-                owners[name] = None
-        return owners
+        return modality_owners([name for name, _ in self.named_parameters()])   # the DS U-Net's rule
 
 
 class Standardizer(nn.Module):
