@@ -236,10 +236,17 @@ def fuses_features(network: nn.Module) -> bool:
     return callable(getattr(network, "decode_subset", None))
 
 
+def learns_fusion(network: nn.Module) -> bool:
+    """True for logit-fusion networks with learned fusion weights (``fuse_subset``): not a plain mean."""
+    return bool(getattr(network, "learned_fusion", False)) and callable(getattr(network, "fuse_subset", None))
+
+
 def subset_outputs(network: DSNetwork, outputs: list[list[Tensor]], subset: Subset) -> list[Tensor]:
     """The network's output for ``subset`` (highest resolution first) from its per-branch graphs."""
     if fuses_features(network):
         return network.decode_subset(outputs, subset)
+    if learns_fusion(network):
+        return network.fuse_subset(outputs, subset)
     return fuse_logits(outputs, subset)
 
 
@@ -281,11 +288,12 @@ def ds_gmd_backward(network: DSNetwork, x: Tensor, subsets: Sequence[Subset], su
     flat = torch.empty(len(subsets), layout.numel, dtype=ref.dtype, device=ref.device)
     reached, losses = [], []
     last = len(subsets) - 1
-    feature_fusion = fuses_features(network)
+    through_network = fuses_features(network) or learns_fusion(network)
     for k, subset in enumerate(subsets):
-        if feature_fusion:
-            # fuse, decode, loss, then one VJP through the decoder and this subset's encoder branches
-            loss = subset_loss(_as_network_output(network.decode_subset(outputs, subset), as_list), subset)
+        if through_network:
+            # fuse (and decode), loss, then one VJP through the fusion (decoder, learned fusion weights) and
+            # this subset's branches
+            loss = subset_loss(_as_network_output(subset_outputs(network, outputs, subset), as_list), subset)
             grads = torch.autograd.grad(loss, layout.params, retain_graph=k < last, allow_unused=True)
             layout.flatten_into(flat[k], grads)
             reached.append([owner is None or owner in subset for owner in owners])

@@ -191,3 +191,54 @@ def test_parameter_owners_follow_the_per_modality_containers():
     assert modality_owners(names, shared_prefixes=("decoder",))[names[3]] is None
     counts = {o for o in tiny_net(dim=2).modality_of_parameters().values()}
     assert counts == {None, 0, 1, 2, 3}
+
+
+def learned_net(dim: int = 2, deep_supervision: bool = False) -> DSUNet:
+    conv = nn.Conv3d if dim == 3 else nn.Conv2d
+    norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
+    torch.manual_seed(0)
+    return DSUNet(4, 3, [4, 8, 16], conv, 3, [1, 2, 2], 2, 3, 1, conv_bias=True, norm_op=norm,
+                  norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, deep_supervision=deep_supervision,
+                  learned_fusion=True)
+
+
+def test_learned_fusion_starts_at_the_plain_mean_and_weights_only_the_available_branches():
+    plain, learned = tiny_net(dim=2), learned_net()
+    assert set(learned.state_dict()) - set(plain.state_dict()) == {f"fusion_weights.{m}.weight" for m in range(4)}
+    learned.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 4, 16, 16)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    torch.testing.assert_close(learned(x, mask), plain(x, mask))   # weights 0: the mean
+
+    weights = torch.randn(4, 3)
+    with torch.no_grad():
+        for m, f in enumerate(learned.fusion_weights):
+            f.weight.copy_(weights[m])
+    branch = [plain(x, torch.eye(4, dtype=torch.bool)[m]) for m in range(4)]   # each branch's logits alone
+    got = learned(x, mask)
+    for b in range(2):
+        avail = mask[b].nonzero().squeeze(1)
+        alpha = torch.softmax(weights[avail], dim=0)                       # (n_available, C), over available only
+        want = sum(alpha[i].view(3, 1, 1) * branch[int(m)][b] for i, m in enumerate(avail))
+        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-6)
+    noisy = x.clone()
+    noisy[0, 1] = torch.randn(16, 16) * 1e3
+    noisy[1, [0, 2, 3]] = float("nan")
+    torch.testing.assert_close(learned(noisy, mask), got)    # a missing branch still cannot reach the output
+    owners = learned.modality_of_parameters()
+    assert [owners[f"fusion_weights.{m}.weight"] for m in range(4)] == [0, 1, 2, 3]
+
+
+def test_learned_fusion_scripts_with_the_mask_a_runtime_input():
+    net = learned_net(dim=3).eval()
+    with torch.no_grad():
+        for f in net.fusion_weights:
+            f.weight.normal_()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(net), buffer)
+    buffer.seek(0)
+    exported = torch.jit.load(buffer)
+    x = torch.randn(2, 4, 16, 16, 16)
+    for mask in [torch.tensor([True, False, False, True]), torch.tensor([[True, True, True, True],
+                                                                        [False, False, True, False]])]:
+        torch.testing.assert_close(exported(x, mask), net(x, mask))

@@ -208,3 +208,28 @@ def test_seed_variable_repeats_and_varies_initial_weights_and_our_generators(nnu
     assert not torch.equal(w1, w2) and g2 - g1 == 1000
     base = 1234 if name.startswith("nnUNetTrainerGMD") else 12345       # seed 0 keeps the historical seeds
     assert start(0)[1] == base
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerGMD_LW", "nnUNetTrainerDS_LW"])
+def test_learned_fusion_weights_are_built_from_the_plans_load_strictly_and_learn(nnunet_paths, name):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_gmd.nnunet import trainers
+    from nnunet_gmd.nnunet.network import network_spec
+
+    cls = getattr(trainers, name)
+    plans = PlansManager(str(nnunet_paths.preprocessed / DATASET_NAME / "nnUNetPlans.json"))
+    cm = plans.get_configuration(CONFIG)
+    with_ds = cls.build_network_architecture(plans, cm, 4, 3, True)
+    without = cls.build_network_architecture(plans, cm, 4, 3, False)
+    assert with_ds.learned_fusion and network_spec(with_ds).kwargs["learned_fusion"] is True  # export-bundle
+    without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
+
+    trainer = make_trainer(nnunet_paths, name)
+    net = trainer.network
+    batch = random_batch(trainer, seed=3)
+    expected = np.mean([float(trainer.loss(net(batch["data"], subset_mask(s, 4)), batch["target"]))
+                        for s in all_subsets(4)])
+    out = trainer.train_step(batch)
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
+    moved = [not torch.equal(f.weight, torch.zeros_like(f.weight)) for f in net.fusion_weights]
+    assert all(moved), "every modality's fusion weights get a gradient from the subsets that contain it"

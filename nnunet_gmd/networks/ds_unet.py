@@ -296,6 +296,14 @@ class DSNetworkBase(nn.Module):
         self._default_available = available
 
 
+class FusionWeight(nn.Module):
+    """One modality's learned fusion logit per output channel; 0 at the start, which is the plain mean."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_classes))
+
+
 class DSUNet(DSNetworkBase):
     """Dynamic Sharing U-Net over ``num_modalities`` single-channel branches, fused at the logits.
 
@@ -303,6 +311,13 @@ class DSUNet(DSNetworkBase):
     mask of shape ``(M,)`` or ``(B, M)`` (default: all available). It returns the fused logits, or a list of
     them (highest resolution first) when deep supervision is on. ``forward_branch_graphs`` returns the per-branch
     logits that GMD needs.
+
+    ``learned_fusion=True`` replaces the plain mean by learned, availability-masked weights per modality and
+    output channel: output channel c is ``sum_m a_mc * logits_m`` with ``a_mc`` the softmax of the weights over
+    the *available* modalities only (the official code's unused option). The full set can then lean on FLAIR for
+    whole tumour and on T1ce for enhancing tumour, where a plain mean dilutes each with three weaker branches; a
+    missing modality still never enters, and the weights start at 0, i.e. at the plain mean. Each modality's
+    weights belong to that modality (``fusion_weights.<m>``), like its norm affines.
     """
 
     def __init__(self, num_modalities: int, n_stages: int, features_per_stage: Union[int, Sequence[int]],
@@ -311,7 +326,7 @@ class DSUNet(DSNetworkBase):
                  norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
                  dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
                  nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
-                 deep_supervision: bool = False) -> None:
+                 deep_supervision: bool = False, learned_fusion: bool = False) -> None:
         super().__init__(num_modalities, num_classes)
         layout = DSLayout(n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
                           n_conv_per_stage_decoder)
@@ -320,16 +335,64 @@ class DSUNet(DSNetworkBase):
         self.encoder = layout.encoder(**block_kwargs)
         self.decoder = layout.decoder(num_classes, deep_supervision, **block_kwargs)
         self.apply(_init_he)
+        self.learned_fusion = learned_fusion
+        # empty without learned fusion: the state dict (and strict loading of older checkpoints) is unchanged
+        self.fusion_weights = nn.ModuleList([FusionWeight(num_classes) for _ in range(num_modalities)]
+                                            if learned_fusion else [])
 
     def _run(self, rows: Tensor, counts: List[int]) -> List[Tensor]:
         return self.decoder(self.encoder(rows, counts), counts)
 
+    def _row_weights(self, counts: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``exp(weight)`` of each folded row's modality, ``(N, C)`` (shifted per channel; the shift cancels).
+
+        Only the present modalities' weights enter the graph, so an absent modality's get no gradient (``None``),
+        as its norm affines do: GMD's mean rule then sees them as that modality's parameters.
+        """
+        present: List[Tensor] = []
+        rows: List[int] = []
+        for m, f in enumerate(self.fusion_weights):
+            if counts[m] > 0:
+                present.append(f.weight)
+                rows.append(counts[m])
+        weights = torch.stack(present).to(device=device, dtype=dtype)
+        scores = torch.exp(weights - weights.max(0, keepdim=True)[0])
+        return torch.repeat_interleave(scores, torch.tensor(rows, device=device), dim=0)
+
+    @staticmethod
+    def _weighted_fuse(values: Tensor, row_weights: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
+        """Per sample and channel, the rows' values weighted by ``row_weights`` and normalised over its rows."""
+        view = list(row_weights.shape) + [1] * (values.dim() - 2)
+        shape = [batch] + list(values.shape[1:])
+        total = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        total = total.index_add_(0, sample_idx, values * row_weights.view(view))
+        norm = torch.zeros(batch, row_weights.shape[1], dtype=values.dtype, device=values.device)
+        norm = norm.index_add_(0, sample_idx, row_weights)
+        return total / norm.view([batch] + view[1:])
+
+    def _fuse_outputs(self, outputs: List[Tensor], sample_idx: Tensor, counts: List[int],
+                      batch: int) -> List[Tensor]:
+        if not self.learned_fusion:
+            return [self._fuse(o, sample_idx, batch) for o in outputs]
+        row_weights = self._row_weights(counts, sample_idx.device, outputs[0].dtype)
+        return [self._weighted_fuse(o, row_weights, sample_idx, batch) for o in outputs]
+
     def forward(self, x: Tensor, available: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
         rows, sample_idx, counts = self.fold(x, available)
-        fused = [self._fuse(o, sample_idx, x.shape[0]) for o in self._run(rows, counts)]
+        fused = self._fuse_outputs(self._run(rows, counts), sample_idx, counts, x.shape[0])
         if self.decoder.deep_supervision:
             return fused
         return fused[0]
+
+    @torch.jit.unused
+    def fuse_subset(self, branch_outputs: List[List[Tensor]], subset: Sequence[int]) -> List[Tensor]:
+        """What ``forward`` gives for ``subset``, from the per-branch logit graphs of :meth:`forward_branch_graphs`."""
+        order = sorted(subset)   # modality-major, as the folded rows of forward
+        b = branch_outputs[0][0].shape[0]
+        sample_idx = torch.arange(b, device=branch_outputs[0][0].device).repeat(len(order))
+        counts = [b if m in order else 0 for m in range(self.num_modalities)]
+        rows = [torch.cat([branch_outputs[m][s] for m in order]) for s in range(len(branch_outputs[0]))]
+        return self._fuse_outputs(rows, sample_idx, counts, b)
 
     @torch.jit.unused
     def forward_branch_graphs(self, x: Tensor) -> List[List[Tensor]]:

@@ -3,7 +3,7 @@
 The segmentation U-Nets and the sentiment model follow one contract. A mask is a boolean ``(M,)`` (the same for
 every sample) or ``(B, M)`` tensor, True = available, with at least one modality per sample. A parameter belongs
 to modality ``m`` when its name runs through a per-modality container (``affines.<m>`` of :class:`ModalityNorm`,
-``encoders.<m>`` of a per-modality input layer), and to no modality (``None``: shared by every branch) otherwise.
+``encoders.<m>`` of a per-modality input layer, ``fusion_weights.<m>`` of learned logit fusion), and to no modality (``None``: shared by every branch) otherwise.
 GMD's mean rule and the amortised merge read that map to tell shared weights from per-modality ones.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 #: Name segments whose next segment is a modality index.
-PER_MODALITY_CONTAINERS: Tuple[str, ...] = ("affines", "encoders")
+PER_MODALITY_CONTAINERS: Tuple[str, ...] = ("affines", "encoders", "fusion_weights")
 
 
 def expand_availability(available: Optional[Tensor], batch_size: int, num_modalities: int,

@@ -19,6 +19,7 @@ from torch import nn
 from nnunet_gmd.networks import FUSIONS, DSFeatureFusionUNet, DSNetworkBase, DSUNet
 
 LOGIT_FUSION = "logits"
+LEARNED_LOGIT_FUSION = "learned_logits"   # DSUNet with learned, availability-masked fusion weights
 
 # Architecture arguments of PlainConvUNet that DSUNet takes unchanged.
 _PASSED_THROUGH = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage_decoder", "conv_bias", "norm_op_kwargs",
@@ -92,7 +93,8 @@ def ds_unet_spec_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_c
                             width_factor: float = 1.0, fusion: str = LOGIT_FUSION) -> NetworkSpec:
     """The DS network's arguments for ``num_input_channels`` branches laid out as the planned U-Net.
 
-    ``fusion`` is ``"logits"`` (:class:`DSUNet`) or a feature-fusion operator of
+    ``fusion`` is ``"logits"`` (:class:`DSUNet`, plain mean), ``"learned_logits"`` (:class:`DSUNet` with
+    learned fusion weights per modality and output channel) or a feature-fusion operator of
     :class:`DSFeatureFusionUNet` (``"mean"``, ``"mean_var"``).
 
     Plain U-Net plans map one to one. Residual-encoder plans (``n_blocks_per_stage``) get that many plain
@@ -107,12 +109,14 @@ def ds_unet_spec_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_c
     n_conv = kwargs.get("n_conv_per_stage", kwargs.get("n_blocks_per_stage"))
     if n_conv is None:
         raise ValueError(f"plans architecture {arch_class_name} has neither n_conv_per_stage nor n_blocks_per_stage")
-    if fusion != LOGIT_FUSION and fusion not in FUSIONS:
-        raise ValueError(f"fusion must be {LOGIT_FUSION!r} or one of {FUSIONS}, got {fusion!r}")
+    logit_fusions = (LOGIT_FUSION, LEARNED_LOGIT_FUSION)
+    if fusion not in logit_fusions and fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {logit_fusions + tuple(FUSIONS)}, got {fusion!r}")
     features = kwargs["features_per_stage"]
     features = [features] * kwargs["n_stages"] if isinstance(features, int) else list(features)
-    network_class = DSUNet if fusion == LOGIT_FUSION else DSFeatureFusionUNet
-    extra = {} if fusion == LOGIT_FUSION else {"fusion": fusion}
+    network_class = DSUNet if fusion in logit_fusions else DSFeatureFusionUNet
+    extra = ({} if fusion == LOGIT_FUSION else {"learned_fusion": True} if fusion == LEARNED_LOGIT_FUSION
+             else {"fusion": fusion})
     return NetworkSpec(f"{network_class.__module__}.{network_class.__qualname__}", {
         "num_modalities": num_input_channels,
         "features_per_stage": scaled_features(features, width_factor),

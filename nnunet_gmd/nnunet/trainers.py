@@ -5,6 +5,8 @@
 * ``nnUNetTrainerDS``: Dynamic Sharing network on the mean of the subset losses, no decoupling (the ablation).
 * ``nnUNetTrainerDS_FF``, ``nnUNetTrainerGMD_FF``, ``nnUNetTrainerGMD_k5_FF``: the same three on the feature-fusion
   DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
+* ``nnUNetTrainerDS_LW``, ``nnUNetTrainerGMD_LW``: the logit-fusion DS network with learned, availability-masked
+  fusion weights per modality and output channel instead of the plain mean.
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
@@ -31,7 +33,7 @@ from nnunet_gmd.gmd import GMDStats, ds_gmd_backward
 from nnunet_gmd.gmd_fast import AmortizedGMD, ds_mean_backward, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
-from nnunet_gmd.nnunet.network import LOGIT_FUSION, ds_unet_from_plans
+from nnunet_gmd.nnunet.network import LEARNED_LOGIT_FUSION, LOGIT_FUSION, ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
 
@@ -51,7 +53,7 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     """
 
     width_factor: float = 0.5  # four half-width branches cost about one stock network
-    fusion: str = LOGIT_FUSION  # "logits" (DSUNet) or a feature-fusion operator ("mean", "mean_var")
+    fusion: str = LOGIT_FUSION  # "logits", "learned_logits" (DSUNet) or a feature fusion ("mean", "mean_var")
     subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
     include_full_set: bool = False  # always put the full set in a sampled draw
     default_initial_lr = 1e-3
@@ -291,7 +293,29 @@ class nnUNetTrainerGMD_k5_FF(nnUNetTrainerGMD_k5):
     include_full_set = True
 
 
+# ---------------------------------------------------------------------------- learned logit fusion
+class nnUNetTrainerDS_LW(nnUNetTrainerDS):
+    """The DS ablation on the logit-fusion network with learned fusion weights (per modality and output channel,
+    a softmax over the available modalities; they start at the plain mean)."""
+
+    fusion = LEARNED_LOGIT_FUSION
+
+
+class nnUNetTrainerGMD_LW(nnUNetTrainerGMD):
+    """Exact GMD over all subsets on the logit-fusion network with learned fusion weights."""
+
+    fusion = LEARNED_LOGIT_FUSION
+
+
 # ---------------------------------------------------------------------------- smoke variants
+class nnUNetTrainerDS_LW_smoke(nnUNetTrainerDS_LW):
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerGMD_LW_smoke(nnUNetTrainerGMD_LW):
+    budget = SMOKE_BUDGET
+
+
 class nnUNetTrainerDS_smoke(nnUNetTrainerDS):
     budget = SMOKE_BUDGET
 
@@ -319,7 +343,8 @@ class nnUNetTrainerGMD_k5_FF_smoke(nnUNetTrainerGMD_k5_FF):
 __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNetTrainerDS_smoke",
            "nnUNetTrainerGMD_smoke", "nnUNetTrainerGMD_k5_smoke", "nnUNetTrainerDS_FF", "nnUNetTrainerGMD_FF",
            "nnUNetTrainerGMD_k5_FF", "nnUNetTrainerDS_FF_smoke", "nnUNetTrainerGMD_FF_smoke",
-           "nnUNetTrainerGMD_k5_FF_smoke"]
+           "nnUNetTrainerGMD_k5_FF_smoke", "nnUNetTrainerDS_LW", "nnUNetTrainerGMD_LW", "nnUNetTrainerDS_LW_smoke",
+           "nnUNetTrainerGMD_LW_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
