@@ -41,7 +41,7 @@ def test_methods_are_validated():
         parse_methods(["gdm"])
     with pytest.raises(UserError, match="twice"):
         parse_methods(["gmd", "gmd"])
-    assert set(METHODS) == {"stock", "stock_complete", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "gmd_amortized",
+    assert set(METHODS) == {"stock", "stock_complete", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "ds_lw", "gmd_lw", "gmd_amortized",
                             "gmd_amortized_sub", "gmd_m1"}
     from nnunet_gmd.nnunet import baselines, trainers
 
