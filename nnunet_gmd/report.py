@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nnunet_gmd.errors import UserError  # noqa: E402
-from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
 
 REPORT_JSON = "missing_modality_report.json"
 REPORT_CSV = "missing_modality_report.csv"
@@ -282,7 +282,7 @@ def _heatmap(ax, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], t
 
 
 def _save_figure(fig, path: Path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+    save_figure(fig, path, dpi=120, bbox_inches="tight")   # the project's one atomic writer
     plt.close(fig)
 
 

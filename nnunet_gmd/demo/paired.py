@@ -32,7 +32,7 @@ from nnunet_gmd.errors import UserError  # noqa: E402
 from nnunet_gmd.demo.per_case import CaseScores, case_scores  # noqa: E402
 from nnunet_gmd.demo.results import SHORT_REGION  # noqa: E402
 from nnunet_gmd.demo.workspace import reports_root  # noqa: E402
-from nnunet_gmd.atomic import atomic_write, write_json, write_text  # noqa: E402
+from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
 from nnunet_gmd.report import REPORT_JSON  # noqa: E402
 
 STEM = "paired_differences"
@@ -302,7 +302,7 @@ class PairedDifferences:
                      f"percentile bootstrap ({self.boot.n_resamples} resamples); right: cases ahead (first/second)",
                      fontsize=9)
         fig.tight_layout()
-        atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
 
     def write(self, out_dir: Path, stem: str = STEM) -> dict[str, Path]:
