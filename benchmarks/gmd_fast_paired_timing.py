@@ -3,9 +3,11 @@
 ``nnunet-gmd bench gmd`` times each method in its own process, one after the other, which on a shared machine
 lets load changes between processes leak into the ratios. Here the three steps run round-robin on bench's network
 and batch, so a load change hits all of them alike; the amortised cost per step for an interval N is
-``(exact + (N - 1) * reuse) / N``.
+``(exact + (N - 1) * reuse) / N``, printed for every ``--interval`` given. ``plain`` is a bare
+``mean(losses).backward()``; ``ds_mean`` is ``gmd_fast.ds_mean_backward``, the DS trainers' step (the same gradient
+through the weighted merge), so ``ds_mean_over_plain`` is that path's overhead.
 
-    python benchmarks/gmd_fast_paired_timing.py [--rounds 5] [--interval 16] [--threads 0 (= torch default)]
+    python benchmarks/gmd_fast_paired_timing.py [--rounds 5] [--interval 8 16 32] [--threads 0 (= torch default)]
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ def main() -> None:
     from nnunet_gmd import gmd
     from nnunet_gmd.bench import build
     from nnunet_gmd.bench_cli import DEFAULTS
-    from nnunet_gmd.gmd_fast import weighted_ds_backward
+    from nnunet_gmd.gmd_fast import ds_mean_backward, weighted_ds_backward
     from nnunet_gmd.subsets import all_subsets
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--interval", type=int, default=16)
+    parser.add_argument("--interval", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -41,6 +43,7 @@ def main() -> None:
         torch.stack(gmd.ds_subset_losses(net, x, subsets, loss)).mean().backward()
 
     steps = {"plain": plain,
+             "ds_mean": lambda: ds_mean_backward(net, x, subsets, loss),
              "reuse": lambda: weighted_ds_backward(net, x, subsets, loss, weights),
              "exact": lambda: gmd.ds_gmd_backward(net, x, subsets, loss, generator=generator)}
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -53,11 +56,13 @@ def main() -> None:
             if r:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    amortized = (med["exact"] + (args.interval - 1) * med["reuse"]) / args.interval
-    print(json.dumps({"threads": torch.get_num_threads(), "rounds": args.rounds, "interval": args.interval,
-                      **{f"{k}_s": round(v, 4) for k, v in med.items()}, "amortized_s": round(amortized, 4),
+    amortized = {n: (med["exact"] + (n - 1) * med["reuse"]) / n for n in args.interval}
+    print(json.dumps({"threads": torch.get_num_threads(), "rounds": args.rounds,
+                      **{f"{k}_s": round(v, 4) for k, v in med.items()},
+                      "amortized_s": {n: round(v, 4) for n, v in amortized.items()},
+                      "ds_mean_over_plain": round(med["ds_mean"] / med["plain"], 3),
                       "reuse_over_plain": round(med["reuse"] / med["plain"], 3),
-                      "amortized_over_plain": round(amortized / med["plain"], 3),
+                      "amortized_over_plain": {n: round(v / med["plain"], 3) for n, v in amortized.items()},
                       "exact_over_plain": round(med["exact"] / med["plain"], 3),
                       "times": {k: [round(t, 3) for t in v] for k, v in times.items()}}))
 

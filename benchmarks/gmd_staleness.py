@@ -1,7 +1,8 @@
 """How fast do reused GMD weights go stale? Cosine of each cheap mode's merged gradient to exact GMD's, along training.
 
 A 2-D DS U-Net trains on axial slices of procedural BraTS-like phantoms (no download, no nnU-Net, a few CPU
-minutes) with amortised GMD (exact weights every ``--interval`` steps). Every ``--probe-every`` steps, on that
+minutes), or with ``--brats FOLDER`` on axial slices of real BraTS case folders (every ``--stride``-th voxel in each
+axis, tumour slices only), with amortised GMD (exact weights every ``--interval`` steps). Every ``--probe-every`` steps, on that
 step's batch and weights, the K subset gradients are taken once and every mode's merged gradient is formed from
 them, so all modes are compared on the same batch:
 
@@ -14,6 +15,7 @@ them, so all modes are compared on the same batch:
 The weights of every refresh are kept, so each probe also gives the cosine as a function of the weights' age.
 
     python benchmarks/gmd_staleness.py -o benchmarks/gmd_staleness [--steps 600] [--lr 3e-3]
+    python benchmarks/gmd_staleness.py -o benchmarks/gmd_staleness_brats --brats brats_split/train --steps 400
 
 Writes ``gmd_staleness.json`` and ``gmd_staleness.png`` (atomically) into the output folder.
 """
@@ -42,15 +44,41 @@ DS_WEIGHTS = [1.0, 0.5, 0.25]
 def phantom_slices(n_cases: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
     """Axial slices through the tumour of ``n_cases`` phantoms: images (N, 4, size, size), labels 0..3."""
     rng = np.random.default_rng(seed)
+    cases = (make_phantom((size, size, size), rng) for _ in range(n_cases))
+    return tumour_slices((np.stack([c.images[m] for m in MODALITIES]), c.seg) for c in cases)
+
+
+def brats_slices(folder: Path, stride: int) -> tuple[Tensor, Tensor]:
+    """Axial tumour slices of every BraTS case folder in ``folder``, each axis subsampled by ``stride``.
+
+    Files are found by the BraTS ``<case>_<sequence>.nii.gz`` names.
+    """
+    import nibabel
+
+    cases = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not cases:
+        raise SystemExit(f"{folder}: no BraTS case folders")
+
+    def load(case: Path, suffix: str) -> np.ndarray:
+        path = case / f"{case.name}_{suffix}.nii.gz"
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing")
+        return np.asarray(nibabel.load(str(path)).dataobj)[::stride, ::stride, ::stride]
+
+    return tumour_slices((np.stack([load(c, m) for m in MODALITIES]), load(c, "seg")) for c in cases)
+
+
+def tumour_slices(volumes) -> tuple[Tensor, Tensor]:
+    """(images (N, 4, H, W), labels 0..3) from (4-channel volume, BraTS label map) pairs: every axial slice with
+    tumour, each channel z-scored inside the brain (any channel non-zero) as nnU-Net does for MRI."""
     images, labels = [], []
-    for _ in range(n_cases):
-        case = make_phantom((size, size, size), rng)
-        vol = np.stack([case.images[m] for m in MODALITIES]).astype(np.float32)
-        brain = vol.sum(0) > 0
-        for c in range(4):  # z-score inside the brain, as nnU-Net does for MRI
+    for vol, seg in volumes:
+        vol = vol.astype(np.float32)
+        brain = (vol != 0).any(axis=0)
+        for c in range(vol.shape[0]):
             vals = vol[c][brain]
             vol[c] = np.where(brain, (vol[c] - vals.mean()) / (vals.std() + 1e-8), 0.0)
-        seg = case.seg.astype(np.int64)
+        seg = seg.astype(np.int64)
         seg[seg == 4] = 3
         for z in np.nonzero((seg > 0).any(axis=(0, 1)))[0]:
             images.append(vol[:, :, :, z])
@@ -97,7 +125,13 @@ def cosine(a: Tensor, b: Tensor) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    images, labels = phantom_slices(args.cases, args.size, args.seed)
+    if args.brats:
+        images, labels = brats_slices(args.brats, args.stride)
+        side = 2 ** (len(FEATURES) - 1)   # crop to a multiple of the U-Net's total downsampling
+        h, w = (d - d % side for d in images.shape[-2:])
+        images, labels = images[..., :h, :w].contiguous(), labels[..., :h, :w].contiguous()
+    else:
+        images, labels = phantom_slices(args.cases, args.size, args.seed)
     n = len(FEATURES)
     net = DSUNet(4, n, FEATURES, nn.Conv2d, 3, [1] + [2] * (n - 1), 2, 4, 2, conv_bias=True,
                  norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
@@ -151,7 +185,8 @@ def run(args: argparse.Namespace) -> dict:
         losses.append(float(out.losses.mean()))
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
-    return {"config": {k: v for k, v in vars(args).items() if k != "out"}, "features": FEATURES,
+    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}, "features": FEATURES,
+            "data": str(args.brats) if args.brats else "phantoms", "slice_shape": list(images.shape[-2:]),
             "slices": len(images), "seconds": round(time.monotonic() - started, 1),
             "threads": torch.get_num_threads(), "train_loss": losses, "probes": probes,
             "refresh_conflicts": refresh_conflicts,
@@ -217,6 +252,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--brats", type=Path, help="folder of real BraTS case folders instead of phantoms")
+    parser.add_argument("--stride", type=int, default=5, help="with --brats: keep every N-th voxel per axis")
     args = parser.parse_args()
     result = run(args)
     write_json(args.out / "gmd_staleness.json", result)

@@ -18,12 +18,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in ("steps", "size", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"bench gmd: --{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("fast_interval", "sub_interval"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"bench gmd: --{name.replace('_', '-')} must be a positive integer, got {value}")
     smallest = 2 ** len(DEFAULTS["features"])   # the bottleneck must keep more than one voxel for instance norm
     if args.size < smallest:
         raise UserError(f"bench gmd: --size must be at least {smallest} (the {len(DEFAULTS['features'])}-stage "
                         f"U-Net halves it {len(DEFAULTS['features']) - 1} times), got {args.size}")
     cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion,
-               fast_interval=args.fast_interval, sub_interval=args.sub_interval)
+               sub_interval=args.sub_interval)
+    if args.fast_interval is not None:   # else bench_fast's default, the amortised trainer's
+        cfg["fast_interval"] = args.fast_interval
     from nnunet_gmd.bench import run_benchmark   # torch: only once the command runs
 
     result = run_benchmark(cfg, progress=not args.json)
@@ -46,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion", choices=FUSION_CHOICES, default=DEFAULTS["fusion"],
                    help="DS network: fused at the logits (DSUNet) or at every skip (DSFeatureFusionUNet); "
                         "default %(default)s")
-    p.add_argument("--fast-interval", type=int, default=16,
-                   help="amortised GMD: exact weights every N steps (default %(default)s)")
+    p.add_argument("--fast-interval", type=int, default=None,
+                   help="amortised GMD: exact weights every N steps (default: nnUNetTrainerGMD_amortized's, 32)")
     p.add_argument("--sub-interval", type=int, default=8,
                    help="amortised GMD with the Gram on one sample: exact weights every N steps (default %(default)s)")
     p.set_defaults(func=_cmd_bench)

@@ -18,9 +18,11 @@ from typing import Callable
 
 import torch
 
+from nnunet_gmd.gmd_fast import DEFAULT_INTERVAL
+
 METHODS = ("gmd_weighted", "gmd_amortized", "gmd_amortized_sub", "gmd_m1")
 FAST_DEFAULT = "gmd_amortized"
-DEFAULTS = dict(fast_interval=16, sub_interval=8)
+DEFAULTS = dict(fast_interval=DEFAULT_INTERVAL, sub_interval=8)
 
 
 def _cfg(cfg: dict, key: str) -> int:

@@ -30,6 +30,14 @@ def test_user_errors_are_one_line_through_either_module_entry(entry):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("option", ["--fast-interval", "--sub-interval"])
+def test_bench_amortisation_intervals_must_be_positive(option):
+    out = _run("-m", "nnunet_gmd", "bench", "gmd", option, "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"nnunet-gmd bench: error: bench gmd: {option} must be a positive "
+                                               "integer, got 0"]
+
+
 def test_version_and_help_state_defaults():
     out = _run("-m", "nnunet_gmd", "--version")
     assert out.returncode == 0 and out.stdout.startswith("nnunet-gmd ")

@@ -47,7 +47,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("gmd_k5_ff", "nnUNetTrainerGMD_k5_FF", "GMD-FF k=5"),
     Method("ds_lw", "nnUNetTrainerDS_LW", "DS-LW"),
     Method("gmd_lw", "nnUNetTrainerGMD_LW", "GMD-LW"),
-    Method("gmd_amortized", "nnUNetTrainerGMD_amortized", "GMD amortised N=16"),
+    Method("gmd_amortized", "nnUNetTrainerGMD_amortized", "GMD amortised N=32"),
     Method("gmd_amortized_sub", "nnUNetTrainerGMD_amortized_sub", "GMD amortised sub-batch N=8"),
     Method("gmd_m1", "nnUNetTrainerGMD_m1", "GMD M+1 objectives"),
 )}

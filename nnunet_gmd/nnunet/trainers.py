@@ -30,7 +30,7 @@ from torch import autocast, nn
 
 from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
 from nnunet_gmd.gmd import GMDStats, ds_gmd_backward
-from nnunet_gmd.gmd_fast import AmortizedGMD, ds_mean_backward, unimodal_and_full
+from nnunet_gmd.gmd_fast import DEFAULT_INTERVAL, AmortizedGMD, ds_mean_backward, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.nnunet.network import LEARNED_LOGIT_FUSION, LOGIT_FUSION, ds_unet_from_plans
@@ -358,7 +358,7 @@ class nnUNetTrainerGMD_amortized(nnUNetTrainerGMD):
     in the checkpoint, so ``--c`` resumes the schedule.
     """
 
-    gmd_interval: int = 16
+    gmd_interval: int = DEFAULT_INTERVAL
     gram_batch: Optional[int] = None  # None: the refresh's Gram on the whole batch
     objectives: str = "all"  # or "unimodal+full"
 
