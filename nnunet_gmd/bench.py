@@ -13,6 +13,8 @@ optimiser, batch) is its own, and the median of several timed steps after a warm
 ``--fusion features`` runs the same figures for the feature-fusion DS network (``DSFeatureFusionUNet``): there
 a subset's VJP also runs through its own decoder pass, which dominates the step.
 * the cheap modes of :mod:`nnunet_gmd.gmd_fast` (``gmd_fast_s``, ``fast_rel_err``...): see :mod:`nnunet_gmd.bench_fast`.
+* ``paired``: plain, reuse and exact steps timed round-robin in one process (:func:`nnunet_gmd.bench_fast.paired`),
+  the figures to take cost ratios from; ``paired.gmd_amortized_over_plain`` is the amortised mode's cost.
 """
 from __future__ import annotations
 
@@ -194,6 +196,7 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
     from nnunet_gmd import bench_fast
 
     result.update(bench_fast.summary(result, _subprocess(["--worker", "fast_accuracy", "--cfg", blob])))
+    result["paired"] = _subprocess(["--worker", "paired", "--cfg", blob])
     return result
 
 
@@ -209,6 +212,10 @@ def _worker_main(argv: list[str]) -> None:
         from nnunet_gmd import bench_fast
 
         print(json.dumps(bench_fast.accuracy(cfg)))
+    elif a.worker == "paired":
+        from nnunet_gmd import bench_fast
+
+        print(json.dumps(bench_fast.paired(cfg)))
     elif a.worker == "accuracy":
         print(json.dumps({"max_rel_err": accuracy(cfg)}))
     else:

@@ -26,12 +26,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.size < smallest:
         raise UserError(f"bench gmd: --size must be at least {smallest} (the {len(DEFAULTS['features'])}-stage "
                         f"U-Net halves it {len(DEFAULTS['features']) - 1} times), got {args.size}")
-    cfg = dict(DEFAULTS, steps=args.steps, size=args.size, batch=args.batch, fusion=args.fusion,
-               sub_interval=args.sub_interval)
-    if args.fast_interval is not None:   # else bench_fast's default, the amortised trainer's
-        cfg["fast_interval"] = args.fast_interval
     from nnunet_gmd.bench import run_benchmark   # torch: only once the command runs
+    from nnunet_gmd.bench_fast import DEFAULTS as FAST_DEFAULTS   # so the JSON's config names the intervals
 
+    cfg = {**DEFAULTS, **FAST_DEFAULTS, "steps": args.steps, "size": args.size, "batch": args.batch,
+           "fusion": args.fusion, "sub_interval": args.sub_interval}
+    if args.fast_interval is not None:
+        cfg["fast_interval"] = args.fast_interval
     result = run_benchmark(cfg, progress=not args.json)
     if args.json:
         print(json.dumps(result))

@@ -14,6 +14,8 @@ for plain DS (weights all 1, ``ds_rel_err``) and for exact GMD with another draw
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable
 
 import torch
@@ -123,6 +125,58 @@ def accuracy(cfg: dict) -> dict:
     norm = float(exact.norm())
     return {"fast_rel_err": float((fast - exact).norm()) / norm, "ds_rel_err": float((ds - exact).norm()) / norm,
             "orders_rel_err": float((other_orders - exact).norm()) / norm, "fast_conflicts": stats.num_conflicts}
+
+
+def paired_times(cfg: dict, rounds: int) -> dict[str, list[float]]:
+    """Step times of the plain, reuse and exact steps, run round-robin in one process on one network and batch.
+
+    Separate processes disagree by up to a quarter on identical work on a shared CPU, so cost ratios come from
+    here: a load change hits every step of a round alike. ``bare`` is ``mean(losses).backward()``; ``plain`` is
+    :func:`~nnunet_gmd.gmd_fast.ds_mean_backward`, the DS trainers' step; ``reuse`` is one weighted backward with
+    exact weights; ``exact`` is :func:`~nnunet_gmd.gmd.ds_gmd_backward`. Round 0 is a warm-up and not returned.
+    """
+    from nnunet_gmd import gmd
+    from nnunet_gmd.bench import build
+    from nnunet_gmd.gmd_fast import ds_mean_backward, weighted_ds_backward
+    from nnunet_gmd.subsets import all_subsets
+
+    net, x, loss = build(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    subsets = all_subsets(cfg["modalities"])
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    weights = gmd.ds_gmd_backward(net, x, subsets, loss, generator=generator).weights
+    steps = {"bare": lambda: torch.stack(gmd.ds_subset_losses(net, x, subsets, loss)).mean().backward(),
+             "plain": lambda: ds_mean_backward(net, x, subsets, loss),
+             "reuse": lambda: weighted_ds_backward(net, x, subsets, loss, weights),
+             "exact": lambda: gmd.ds_gmd_backward(net, x, subsets, loss, generator=generator)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds + 1):
+        for name, fn in steps.items():
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fn()
+            opt.step()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def amortized_cost(exact_s: float, reuse_s: float, interval: int) -> float:
+    """Mean step time of amortised GMD: one exact refresh and ``interval - 1`` reuse steps per cycle."""
+    return (exact_s + (interval - 1) * reuse_s) / interval
+
+
+def paired(cfg: dict) -> dict:
+    """Medians of :func:`paired_times` over ``cfg["steps"]`` rounds, and the amortised cost at ``fast_interval``."""
+    med = {k: statistics.median(v) for k, v in paired_times(cfg, cfg["steps"]).items()}
+    interval = _cfg(cfg, "fast_interval")
+    amortized = amortized_cost(med["exact"], med["reuse"], interval)
+    return {**{f"{k}_s": round(v, 4) for k, v in med.items()}, "interval": interval,
+            "gmd_amortized_s": round(amortized, 4),
+            "gmd_amortized_over_plain": round(amortized / med["plain"], 3),
+            "reuse_over_plain": round(med["reuse"] / med["plain"], 3),
+            "exact_over_plain": round(med["exact"] / med["plain"], 3),
+            "plain_over_bare": round(med["plain"] / med["bare"], 3)}
 
 
 def summary(result: dict, accuracy_figures: dict) -> dict:

@@ -177,3 +177,16 @@ def test_sub_batch_gram_and_overflow_refresh():
 def test_interval_must_be_positive():
     with pytest.raises(ValueError, match="interval must be >= 1"):
         AmortizedGMD(interval=0)
+
+
+def test_paired_bench_times_each_step_in_one_process_and_amortises_by_the_cycle():
+    from nnunet_gmd.bench_fast import amortized_cost, paired
+
+    cfg = dict(modalities=2, features=[4, 8], size=8, batch=1, steps=2, seed=0, fast_interval=4)
+    out = paired(cfg)
+    for step in ("bare", "plain", "reuse", "exact"):
+        assert out[f"{step}_s"] > 0
+    assert out["interval"] == 4
+    assert out["gmd_amortized_s"] == pytest.approx(amortized_cost(out["exact_s"], out["reuse_s"], 4), abs=1e-3)
+    assert out["gmd_amortized_over_plain"] == pytest.approx(out["gmd_amortized_s"] / out["plain_s"], rel=1e-2)
+    assert amortized_cost(5.0, 1.0, 1) == 5.0 and amortized_cost(5.0, 1.0, 4) == 2.0
