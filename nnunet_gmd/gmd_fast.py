@@ -19,14 +19,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from nnunet_gmd.gmd import (FlatLayout, GMDStats, SubsetLoss, all_reduce_mean_, check_reduction, ds_gmd_backward,
+                            ds_subset_losses)
+from nnunet_gmd.subsets import Subset
+
 # Exact weights every 32 steps: on real BraTS slices, weights up to 31 steps old are as close to exact GMD as fresh
 # ones (mean cosine 0.9991 vs 0.9992, benchmarks/gmd_staleness_brats), and 32 puts the amortised step at 1.20x a
 # DS step where 16 costs 1.35x (benchmarks/gmd_fast/paired_timing_1thread.json).
 DEFAULT_INTERVAL = 32
-
-from nnunet_gmd.gmd import (FlatLayout, GMDStats, SubsetLoss, all_reduce_mean_, check_reduction, ds_gmd_backward,
-                            ds_subset_losses)
-from nnunet_gmd.subsets import Subset
 
 
 def unimodal_and_full(num_modalities: int) -> list[Subset]:
