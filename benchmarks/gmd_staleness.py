@@ -1,10 +1,10 @@
 """How fast do reused GMD weights go stale? Cosine of each cheap mode's merged gradient to exact GMD's, along training.
 
 A 2-D DS U-Net trains on axial slices of procedural BraTS-like phantoms (no download, no nnU-Net, a few CPU
-minutes), or with ``--brats FOLDER`` on axial slices of real BraTS case folders (every ``--stride``-th voxel in each
-axis, tumour slices only), with amortised GMD (exact weights every ``--interval`` steps). Every ``--probe-every`` steps, on that
-step's batch and weights, the K subset gradients are taken once and every mode's merged gradient is formed from
-them, so all modes are compared on the same batch:
+minutes), or with ``--brats FOLDER`` on axial slices of real BraTS case folders (every ``--stride``-th voxel in
+each axis, tumour slices only), with amortised GMD (exact weights every ``--interval`` steps). Every
+``--probe-every`` steps, on that step's batch and weights, the K subset gradients are taken once and every mode's
+merged gradient is formed from them, so all modes are compared on the same batch:
 
 * ``amortized``: the training run's own cached weights (their age is the steps since the last refresh);
 * ``amortized_sub``: weights refreshed every ``--sub-interval`` steps from one sample of the batch;
@@ -15,7 +15,8 @@ them, so all modes are compared on the same batch:
 The weights of every refresh are kept, so each probe also gives the cosine as a function of the weights' age.
 
     python benchmarks/gmd_staleness.py -o benchmarks/gmd_staleness [--steps 600] [--lr 3e-3]
-    python benchmarks/gmd_staleness.py -o benchmarks/gmd_staleness_brats --brats brats_split/train --steps 400
+    python benchmarks/gmd_staleness.py -o benchmarks/gmd_staleness_brats --brats brats_split/train --stride 3 \\
+        --steps 1500 --lr 3e-3
 
 Writes ``gmd_staleness.json`` and ``gmd_staleness.png`` (atomically) into the output folder.
 """
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace) -> dict:
         losses.append(float(out.losses.mean()))
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}, "features": FEATURES,
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    return {"config": config, "features": FEATURES,
             "data": str(args.brats) if args.brats else "phantoms", "slice_shape": list(images.shape[-2:]),
             "slices": len(images), "seconds": round(time.monotonic() - started, 1),
             "threads": torch.get_num_threads(), "train_loss": losses, "probes": probes,
