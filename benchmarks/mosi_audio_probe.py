@@ -29,6 +29,8 @@ from sklearn.preprocessing import StandardScaler
 
 from nnunet_gmd.atomic import write_json
 from nnunet_gmd.sentiment import MODALITIES
+from nnunet_gmd.sentiment.benchmark import video_bootstrap_difference
+from nnunet_gmd.sentiment.metrics import mmsa_regression_metrics
 from nnunet_gmd.sentiment.tables import load_table_folder, video_folds
 
 PROBES: dict[str, Callable[[], object]] = {
@@ -52,23 +54,9 @@ def per_video_z(features: np.ndarray, videos: np.ndarray) -> np.ndarray:
 
 
 def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    nonzero = truth != 0
-    r = np.corrcoef(pred, truth)[0, 1] if np.std(pred) > 0 else 0.0
-    return {"mae": round(float(np.abs(pred - truth).mean()), 4),
-            "acc2_non0": round(float(np.mean(np.sign(pred[nonzero]) == np.sign(truth[nonzero]))), 4),
-            "pearson_r": round(float(r), 4)}
-
-
-def video_bootstrap(err_a: np.ndarray, err_b: np.ndarray, videos: np.ndarray, n: int = 2000,
-                    seed: int = 0) -> list[float]:
-    """95 % interval of mean(err_a - err_b) when whole videos are resampled (utterances of a video move together)."""
-    names = np.unique(videos)
-    sums = np.array([(err_a - err_b)[videos == v].sum() for v in names])
-    counts = np.array([(videos == v).sum() for v in names])
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(names), size=(n, len(names)))
-    stats = sums[draws].sum(1) / counts[draws].sum(1)
-    return [round(float(q), 4) for q in np.percentile(stats, [2.5, 97.5])]
+    """The figures the docs quote, from the project's MMSA metrics."""
+    m = mmsa_regression_metrics(pred, truth)
+    return {"mae": round(m["MAE"], 4), "acc2_non0": round(m["Non0_acc_2"], 4), "pearson_r": round(m["Corr"], 4)}
 
 
 def main() -> None:
@@ -104,7 +92,8 @@ def main() -> None:
                 for test in folds:
                     pred[test] = make().fit(features[~test], y[~test]).predict(features[test])
                 row = scores(pred, y)
-                row["mae_minus_mean_ci95"] = video_bootstrap(np.abs(pred - y), mean_err, videos)
+                gap = video_bootstrap_difference(np.abs(pred - y)[:, None], mean_err[:, None], table.video_ids)
+                row["mae_minus_mean_ci95"] = [round(gap["ci95_low"], 4), round(gap["ci95_high"], 4)]
                 key = f"{modality} | {features_name} | {probe_name}"
                 results["probes"][key] = row
                 gap = row["mae"] - results["constants"]["training mean"]["mae"]

@@ -222,15 +222,21 @@ def _errors(result: BenchmarkResult, name: str) -> np.ndarray:
 
 
 def _bootstrap_difference(result: BenchmarkResult, a: str, b: str, seed: int = 0) -> dict[str, float]:
-    """Mean-over-7-subsets MAE of ``a`` minus ``b`` (seed-averaged predictions), with a 95% interval from
-    resampling whole test videos (utterances of one video are not independent)."""
-    ea, eb = _errors(result, a), _errors(result, b)
-    videos = np.array(result.videos)
-    groups = [np.flatnonzero(videos == v) for v in dict.fromkeys(result.videos)]
+    """Mean-over-7-subsets MAE of ``a`` minus ``b`` (seed-averaged predictions), with a video bootstrap interval."""
+    return video_bootstrap_difference(_errors(result, a), _errors(result, b), result.videos, seed)
+
+
+def video_bootstrap_difference(errors_a: np.ndarray, errors_b: np.ndarray, video_ids: Sequence[str],
+                               seed: int = 0) -> dict[str, float]:
+    """Mean error of ``a`` minus ``b``, with a 95% interval from resampling whole test videos (utterances of one
+    video are not independent). Errors are (N, K): averaged over rows per column (NaN where not scored), then over
+    the K columns."""
+    videos = np.array(video_ids)
+    groups = [np.flatnonzero(videos == v) for v in dict.fromkeys(video_ids)]
 
     def stat(rows: np.ndarray) -> float:
         with np.errstate(all="ignore"):
-            return float(np.nanmean(np.nanmean(ea[rows], 0)) - np.nanmean(np.nanmean(eb[rows], 0)))
+            return float(np.nanmean(np.nanmean(errors_a[rows], 0)) - np.nanmean(np.nanmean(errors_b[rows], 0)))
 
     rng = np.random.default_rng(seed)
     draws = [stat(np.concatenate([groups[i] for i in rng.integers(len(groups), size=len(groups))]))
