@@ -6,6 +6,8 @@
 * ``nnUNetTrainerModalityDropout``: stock network, but every training sample sees a random non-empty subset
   of its input channels (the others zeroed), each of the 2^M - 1 subsets equally likely. This is the common
   strong baseline for missing-modality robustness.
+* ``nnUNetTrainerBudget_AdamW``, ``nnUNetTrainerModalityDropout_AdamW``: the same two under the optimiser of our
+  DS/GMD trainers (nnU-Net's AdamW variant at 1e-3, poly decay) instead of SGD at 1e-2, for the optimiser study.
 
 Budget, seeds, atomic checkpoints and the optional final validation come from
 :class:`nnunet_gmd.nnunet.trainer_base.PackageTrainer`, as for our own trainers. The training step is nnU-Net's.
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
 
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.subsets import all_subsets, subset_mask
 
 __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerModalityDropout", "nnUNetTrainerBudget_smoke",
-           "nnUNetTrainerModalityDropout_smoke", "nnUNetTrainerBudget_complete", "nnUNetTrainerBudget_complete_smoke"]
+           "nnUNetTrainerModalityDropout_smoke", "nnUNetTrainerBudget_complete", "nnUNetTrainerBudget_complete_smoke",
+           "nnUNetTrainerBudget_AdamW", "nnUNetTrainerModalityDropout_AdamW", "nnUNetTrainerBudget_AdamW_smoke",
+           "nnUNetTrainerModalityDropout_AdamW_smoke"]
 
 
 def drop_random_modalities(data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -89,6 +94,18 @@ class nnUNetTrainerModalityDropout(nnUNetTrainerBudget):
         return super().train_step(batch)
 
 
+class nnUNetTrainerBudget_AdamW(nnUNetTrainerBudget, nnUNetTrainerAdam):
+    """Stock nnU-Net under nnU-Net's AdamW variant at 1e-3 (the DS/GMD trainers' optimiser) instead of SGD."""
+
+    default_initial_lr = 1e-3
+
+
+class nnUNetTrainerModalityDropout_AdamW(nnUNetTrainerModalityDropout, nnUNetTrainerAdam):
+    """ModalityDropout under nnU-Net's AdamW variant at 1e-3 (the DS/GMD trainers' optimiser) instead of SGD."""
+
+    default_initial_lr = 1e-3
+
+
 class nnUNetTrainerBudget_smoke(nnUNetTrainerBudget):
     """Two tiny epochs, for tests (the budget variables still win when set)."""
 
@@ -102,4 +119,12 @@ class nnUNetTrainerModalityDropout_smoke(nnUNetTrainerModalityDropout):
 
 
 class nnUNetTrainerBudget_complete_smoke(nnUNetTrainerBudget_complete):
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerBudget_AdamW_smoke(nnUNetTrainerBudget_AdamW):
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerModalityDropout_AdamW_smoke(nnUNetTrainerModalityDropout_AdamW):
     budget = SMOKE_BUDGET

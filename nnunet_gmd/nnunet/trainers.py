@@ -7,6 +7,8 @@
   DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
 * ``nnUNetTrainerDS_LW``, ``nnUNetTrainerGMD_LW``: the logit-fusion DS network with learned, availability-masked
   fusion weights per modality and output channel instead of the plain mean.
+* ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_FF_MV``: optimiser and fusion studies (nnU-Net's SGD at 1e-2 with a
+  linear warm-up; HeMIS' mean-and-variance feature fusion).
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
@@ -33,6 +35,7 @@ from nnunet_gmd.gmd import GMDStats, ds_gmd_backward
 from nnunet_gmd.gmd_fast import DEFAULT_INTERVAL, AmortizedGMD, ds_mean_backward, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
+from nnunet_gmd.nnunet.optimizers import SGDWarmupMixin
 from nnunet_gmd.nnunet.network import LEARNED_LOGIT_FUSION, LOGIT_FUSION, ds_unet_from_plans
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
@@ -307,7 +310,29 @@ class nnUNetTrainerGMD_LW(nnUNetTrainerGMD):
     fusion = LEARNED_LOGIT_FUSION
 
 
+# ---------------------------------------------------------------------------- optimiser and fusion studies
+class nnUNetTrainerDS_SGD(SGDWarmupMixin, nnUNetTrainerDS):
+    """The DS ablation under stock nnU-Net's optimiser: SGD at 1e-2 (momentum 0.99), after a linear warm-up over
+    the first tenth of the epochs (without it, SGD left DS at the all-background solution on phantoms)."""
+
+    default_initial_lr = 1e-2
+
+
+class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
+    """DS-FF with HeMIS' fusion: the mean and the variance of the available branches' features at every skip."""
+
+    fusion = "mean_var"
+
+
 # ---------------------------------------------------------------------------- smoke variants
+class nnUNetTrainerDS_SGD_smoke(nnUNetTrainerDS_SGD):
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerDS_FF_MV_smoke(nnUNetTrainerDS_FF_MV):
+    budget = SMOKE_BUDGET
+
+
 class nnUNetTrainerDS_LW_smoke(nnUNetTrainerDS_LW):
     budget = SMOKE_BUDGET
 
@@ -344,7 +369,8 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_smoke", "nnUNetTrainerGMD_k5_smoke", "nnUNetTrainerDS_FF", "nnUNetTrainerGMD_FF",
            "nnUNetTrainerGMD_k5_FF", "nnUNetTrainerDS_FF_smoke", "nnUNetTrainerGMD_FF_smoke",
            "nnUNetTrainerGMD_k5_FF_smoke", "nnUNetTrainerDS_LW", "nnUNetTrainerGMD_LW", "nnUNetTrainerDS_LW_smoke",
-           "nnUNetTrainerGMD_LW_smoke"]
+           "nnUNetTrainerGMD_LW_smoke", "nnUNetTrainerDS_SGD", "nnUNetTrainerDS_FF_MV", "nnUNetTrainerDS_SGD_smoke",
+           "nnUNetTrainerDS_FF_MV_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
