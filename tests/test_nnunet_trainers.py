@@ -139,6 +139,28 @@ def test_initial_lr_environment_override_reaches_the_optimizer(nnunet_paths, mon
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3)
 
 
+@pytest.mark.parametrize("name, optimizer_type, peak_lr", [
+    ("nnUNetTrainerBudget_AdamW", torch.optim.AdamW, 1e-3),
+    ("nnUNetTrainerModalityDropout_AdamW", torch.optim.AdamW, 1e-3),
+    ("nnUNetTrainerDS_SGD", torch.optim.SGD, 1e-2),
+])
+def test_optimiser_study_trainers_build_the_other_optimiser(nnunet_paths, name, optimizer_type, peak_lr):
+    trainer = make_trainer(nnunet_paths, name)
+    assert isinstance(trainer.optimizer, optimizer_type) and trainer.initial_lr == pytest.approx(peak_lr)
+    trainer.lr_scheduler.step(0)   # what nnU-Net's on_train_epoch_start does
+    first = trainer.optimizer.param_groups[0]["lr"]
+    if optimizer_type is torch.optim.SGD:
+        assert trainer.optimizer.param_groups[0]["momentum"] == 0.99
+        warmup = trainer.lr_scheduler.warmup_steps
+        assert warmup == max(1, round(0.1 * trainer.num_epochs)) and first == pytest.approx(peak_lr / warmup)
+        trainer.lr_scheduler.step(warmup)
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak_lr)
+    else:
+        assert first == pytest.approx(peak_lr)
+    out = trainer.train_step(random_batch(trainer, seed=3))
+    assert np.isfinite(float(out["loss"]))
+
+
 def test_num_threads_environment_override_sets_torch_threads(nnunet_paths, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("NNUNET_GMD_NUM_THREADS", "1")
@@ -163,10 +185,11 @@ def test_feature_fusion_network_is_built_from_the_plans_and_loads_strictly(nnune
     without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerGMD_FF", "nnUNetTrainerDS_FF"])
+@pytest.mark.parametrize("name", ["nnUNetTrainerGMD_FF", "nnUNetTrainerDS_FF", "nnUNetTrainerDS_FF_MV"])
 def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, name):
     trainer = make_trainer(nnunet_paths, name)
     assert isinstance(trainer.network, DSFeatureFusionUNet)
+    assert trainer.network.fusion == ("mean_var" if name.endswith("_MV") else "mean")
     batch = random_batch(trainer, seed=2)
     net = trainer.network
     before = [p.detach().clone() for p in net.parameters()]
