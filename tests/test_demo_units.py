@@ -41,8 +41,9 @@ def test_methods_are_validated():
         parse_methods(["gdm"])
     with pytest.raises(UserError, match="twice"):
         parse_methods(["gmd", "gmd"])
-    assert set(METHODS) == {"stock", "stock_complete", "dropout", "ds", "gmd", "gmd_k5", "ds_ff", "gmd_ff", "gmd_k5_ff", "ds_lw", "gmd_lw", "gmd_amortized",
-                            "gmd_amortized_sub", "gmd_m1"}
+    assert set(METHODS) == {"stock", "stock_complete", "dropout", "stock_adamw", "dropout_adamw", "ds", "ds_sgd", "ds_w1",
+                            "gmd", "gmd_k5", "ds_ff", "ds_ff_mv", "gmd_ff", "gmd_k5_ff", "ds_lw", "gmd_lw",
+                            "gmd_amortized", "gmd_amortized_sub", "gmd_m1"}
     from nnunet_gmd.nnunet import baselines, trainers
 
     from nnunet_gmd.demo.cli import METHOD_KEYS

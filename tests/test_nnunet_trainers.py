@@ -36,19 +36,21 @@ def random_batch(trainer, seed: int = 0) -> dict:
     return {"data": data, "target": targets}
 
 
-def test_network_is_built_from_the_plans_with_the_width_factor(nnunet_paths):
+@pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 0.5), ("nnUNetTrainerDS_W1", 1.0)])
+def test_network_is_built_from_the_plans_with_the_width_factor(nnunet_paths, name, width):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_gmd.nnunet.trainers import nnUNetTrainerGMD
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+    trainer_class = recursive_find_trainer_class_by_name(name)
     pre = nnunet_paths.preprocessed / DATASET_NAME
     plans = PlansManager(str(pre / "nnUNetPlans.json"))
     cm = plans.get_configuration(CONFIG)
-    with_ds = nnUNetTrainerGMD.build_network_architecture(plans, cm, 4, 3, True)
-    without = nnUNetTrainerGMD.build_network_architecture(plans, cm, 4, 3, False)
+    with_ds = trainer_class.build_network_architecture(plans, cm, 4, 3, True)
+    without = trainer_class.build_network_architecture(plans, cm, 4, 3, False)
     assert isinstance(with_ds, DSUNet) and with_ds.num_modalities == 4
     planned = cm.network_arch_init_kwargs["features_per_stage"]
     first_conv = with_ds.encoder.stages[0].blocks[0].conv
-    assert first_conv.in_channels == 1 and first_conv.out_channels == round(planned[0] * 0.5)
+    assert first_conv.in_channels == 1 and first_conv.out_channels == round(planned[0] * width)
     without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
 
 

@@ -43,6 +43,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("dropout_adamw", "nnUNetTrainerModalityDropout_AdamW", "ModalityDropout AdamW"),
     Method("ds", "nnUNetTrainerDS", "DS"),
     Method("ds_sgd", "nnUNetTrainerDS_SGD", "DS SGD+warm-up"),
+    Method("ds_w1", "nnUNetTrainerDS_W1", "DS width 1.0"),
     Method("gmd", "nnUNetTrainerGMD", "GMD"),
     Method("gmd_k5", "nnUNetTrainerGMD_k5", "GMD k=5"),
     Method("ds_ff", "nnUNetTrainerDS_FF", "DS-FF"),

@@ -7,8 +7,8 @@
   DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
 * ``nnUNetTrainerDS_LW``, ``nnUNetTrainerGMD_LW``: the logit-fusion DS network with learned, availability-masked
   fusion weights per modality and output channel instead of the plain mean.
-* ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_FF_MV``: optimiser and fusion studies (nnU-Net's SGD at 1e-2 with a
-  linear warm-up; HeMIS' mean-and-variance feature fusion).
+* ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W1``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
+  (nnU-Net's SGD at 1e-2 with a linear warm-up; full-width branches; HeMIS' mean-and-variance feature fusion).
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
@@ -318,6 +318,13 @@ class nnUNetTrainerDS_SGD(SGDWarmupMixin, nnUNetTrainerDS):
     default_initial_lr = 1e-2
 
 
+class nnUNetTrainerDS_W1(nnUNetTrainerDS):
+    """The DS ablation with full-width branches: each sequence's branch has the plans' feature counts, so the four
+    branches together cost about four stock networks (the default half width costs about one)."""
+
+    width_factor = 1.0
+
+
 class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
     """DS-FF with HeMIS' fusion: the mean and the variance of the available branches' features at every skip."""
 
@@ -326,6 +333,10 @@ class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
 
 # ---------------------------------------------------------------------------- smoke variants
 class nnUNetTrainerDS_SGD_smoke(nnUNetTrainerDS_SGD):
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerDS_W1_smoke(nnUNetTrainerDS_W1):
     budget = SMOKE_BUDGET
 
 
@@ -370,7 +381,7 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_k5_FF", "nnUNetTrainerDS_FF_smoke", "nnUNetTrainerGMD_FF_smoke",
            "nnUNetTrainerGMD_k5_FF_smoke", "nnUNetTrainerDS_LW", "nnUNetTrainerGMD_LW", "nnUNetTrainerDS_LW_smoke",
            "nnUNetTrainerGMD_LW_smoke", "nnUNetTrainerDS_SGD", "nnUNetTrainerDS_FF_MV", "nnUNetTrainerDS_SGD_smoke",
-           "nnUNetTrainerDS_FF_MV_smoke"]
+           "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
