@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from nnunetv2.training.lr_scheduler.warmup import PolyLRScheduler_offset
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 __all__ = ["WarmupPolyLRScheduler", "SGDWarmupMixin", "warmup_epochs"]
 
@@ -54,8 +55,7 @@ class SGDWarmupMixin:
     warmup_fraction: float = 0.1  # nnU-Net's warm-up trainer uses 50 of 1000 epochs; short CPU runs get a bit more
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
+        optimizer, _ = nnUNetTrainer.configure_optimizers(self)   # nnU-Net's own SGD; only the schedule differs
         scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs,
                                           warmup_epochs(self.num_epochs, self.warmup_fraction))
         return optimizer, scheduler
