@@ -16,7 +16,8 @@ import pytest
 
 from nnunet_gmd.cli import main
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.demo.paired import Bootstrap, PairedDifferences, bootstrap_interval, load_methods, seeds_of
+from nnunet_gmd.demo.paired import (Bootstrap, PairedDifferences, bootstrap_interval, load_methods,
+                                    seed_and_case_interval, seeds_of)
 from nnunet_gmd.demo.per_case import case_scores
 from nnunet_gmd.demo.workspace import reports_root
 from nnunet_gmd.subsets import all_subsets
@@ -117,10 +118,56 @@ def test_seeds_are_averaged_per_case_before_resampling(tmp_path):
     d = PairedDifferences(methods).differences["missing"][0]
     assert d.mean == pytest.approx(0.04) and d.per_seed == pytest.approx([0.10, -0.02])
     assert d.low == pytest.approx(0.04) and d.high == pytest.approx(0.04)     # no case-to-case spread left
+    assert d.excludes_zero
+    # Resampling GMD's two seeds gives the seed mixes (0.6, 0.6), (0.6, 0.48) and (0.48, 0.48): the difference is
+    # +0.10, +0.04 or -0.02 with probabilities 1/4, 1/2, 1/4, so the seed-and-case interval spans -0.02 .. +0.10.
+    assert d.seed_low == pytest.approx(-0.02) and d.seed_high == pytest.approx(0.10)
+    assert d.seed_interval_excludes_zero is False
     only_first = PairedDifferences(load_methods(tmp_path, ["ds", "gmd"], {}, n_seeds=1)).differences["missing"][0]
     assert only_first.mean == pytest.approx(0.10)
     with pytest.raises(UserError, match=r"reports_seed2/ds/missing_modality_report.json does not exist.*seed 2"):
         load_methods(tmp_path, ["ds", "gmd"], {}, n_seeds=3)
+
+
+def test_identical_seeds_leave_only_the_case_interval_and_one_seed_gives_none(tmp_path):
+    base = lambda c, s, r: 0.3 + 0.08 * c                              # noqa: E731
+    gain = [0.05 + _noise(c) for c in range(6)]
+    for seed in (0, 1, 2):                                             # three copies of the same two models
+        write_method(tmp_path, "ds", base, seed=seed)
+        write_method(tmp_path, "gmd", lambda c, s, r: base(c, s, r) + gain[c], seed=seed)
+    write_method(tmp_path, "lw", lambda c, s, r: base(c, s, r) + 0.5 * gain[c])    # one seed only
+    table = PairedDifferences(load_methods(tmp_path, ["ds", "gmd", "lw"], {}), Bootstrap(10000, 0.95, seed=0))
+    gmd_ds, lw_ds, lw_gmd = table.differences["missing"]
+    assert gmd_ds.per_seed == pytest.approx([np.mean(gain)] * 3)
+    # Seeds that agree add nothing: both intervals are the same case bootstrap, up to resampling noise.
+    assert gmd_ds.seed_low == pytest.approx(gmd_ds.low, abs=0.003)
+    assert gmd_ds.seed_high == pytest.approx(gmd_ds.high, abs=0.003)
+    assert gmd_ds.seed_interval_excludes_zero
+    for d in (lw_ds, lw_gmd):
+        assert math.isnan(d.seed_low) and math.isnan(d.seed_high) and d.seed_interval_excludes_zero is None
+    md = table.to_markdown()
+    assert "interval, seeds and cases resampled" in md
+    row = next(line for line in md.splitlines() if line.startswith("| lw − ds |"))
+    assert "| n/a | n/a |" in row and "[" not in row.split("|")[5]
+    saved = table.to_json()["differences"]["missing"][0]
+    assert saved["ci_seeds_low"] == pytest.approx(gmd_ds.seed_low, abs=1e-6)
+    assert saved["seed_interval_excludes_zero"] is True
+
+
+def test_seed_and_case_interval_widens_with_the_seed_spread():
+    rng = np.random.default_rng(3)
+    cases = rng.normal(0.5, 0.1, size=6)                               # case difficulty, shared by every model
+    quiet = cases + rng.normal(0, 0.005, size=(3, 6))
+    noisy = cases + rng.normal(0, 0.005, size=(3, 6)) + np.array([[0.07], [0.0], [-0.07]])   # whole-model shifts
+    boot = Bootstrap(4000, 0.95, seed=1)
+    q_low, q_high = seed_and_case_interval(quiet + 0.03, quiet, boot)
+    n_low, n_high = seed_and_case_interval(noisy + 0.03, quiet, boot)
+    assert q_low < 0.03 < q_high and n_low < 0.03 < n_high
+    assert n_high - n_low > 3 * (q_high - q_low)
+    assert seed_and_case_interval(quiet + 0.03, quiet, boot) == (q_low, q_high)        # reproducible
+    assert all(math.isnan(x) for x in seed_and_case_interval(quiet[:1], quiet, boot))
+    with pytest.raises(ValueError, match="same cases"):
+        seed_and_case_interval(quiet, quiet[:, :4], boot)
 
 
 def test_stats_command_writes_the_table_elsewhere_and_leaves_the_run_alone(tmp_path, capsys):

@@ -7,8 +7,10 @@ over the subsets with a missing modality and the full set (Dice averaged over th
 :mod:`nnunet_gmd.demo.per_case`).
 
 Training seeds: a method's per-case value is first averaged over its training seeds, then the cases are
-resampled. The interval is therefore about which test cases happened to be drawn, for seed-averaged models; how
-much the seeds themselves move the difference is shown beside it (the mean difference within each seed).
+resampled. That interval is about which test cases happened to be drawn, for seed-averaged models. The seeds
+themselves move a model too (on BraTS at the ``cpu`` preset by up to 0.07 Dice, more than most method differences),
+so where both methods have at least two seeds a second interval resamples each method's seeds as well as the
+cases (:func:`seed_and_case_interval`); the mean difference within each seed is shown beside both.
 
 Reads a finished run folder only (``reports/<method>``, ``reports_seed<k>/<method>``), so ``nnunet-gmd benchmark
 stats`` can (re)write the tables without training anything.
@@ -90,6 +92,8 @@ class Difference:
     versus_ahead: int
     ties: int
     per_seed: list[float] = field(default_factory=list)   # mean difference within each shared seed
+    seed_low: float = math.nan    # interval with the seeds resampled too (NaN: a method has a single seed)
+    seed_high: float = math.nan
 
     @property
     def n(self) -> int:
@@ -97,9 +101,17 @@ class Difference:
 
     @property
     def excludes_zero(self) -> Optional[bool]:
-        if math.isnan(self.low) or math.isnan(self.high):
-            return None
-        return self.low > 0 or self.high < 0
+        return _excludes_zero(self.low, self.high)
+
+    @property
+    def seed_interval_excludes_zero(self) -> Optional[bool]:
+        return _excludes_zero(self.seed_low, self.seed_high)
+
+
+def _excludes_zero(low: float, high: float) -> Optional[bool]:
+    if math.isnan(low) or math.isnan(high):
+        return None
+    return low > 0 or high < 0
 
 
 MIN_CASES = 3   # two cases resample to only three distinct means: no interval worth printing
@@ -117,6 +129,38 @@ def bootstrap_interval(diff: np.ndarray, boot: Bootstrap) -> tuple[float, float]
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def seed_and_case_interval(a: np.ndarray, b: np.ndarray, boot: Bootstrap) -> tuple[float, float]:
+    """Percentile interval of the mean over cases of (seed mean of ``a``) − (seed mean of ``b``), resampling both.
+
+    ``a`` and ``b`` are (seeds, cases) arrays on the same cases. Each resample draws the cases with replacement and,
+    independently for each method, its seeds with replacement; a drawn seed stands for one whole trained model, so
+    it is applied to every case. Seeds are resampled per method because seed k of two methods shares nothing but a
+    generator offset: their weights and batches differ. With a handful of seeds this still understates the seed
+    spread (the bootstrap variance of a mean of n is (n-1)/n of the usual estimate), so it is a floor on the
+    uncertainty, not a full account. NaN, NaN below two seeds per method or ``MIN_CASES`` cases.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected (seeds, cases) arrays on the same cases, got {a.shape} and {b.shape}")
+    if min(a.shape[0], b.shape[0]) < 2 or a.shape[1] < MIN_CASES:
+        return math.nan, math.nan
+    rng = np.random.default_rng(boot.seed)
+    n, cases = boot.n_resamples, a.shape[1]
+    mean_a = a[rng.integers(0, a.shape[0], size=(n, a.shape[0]))].mean(axis=1)   # (n, cases): one model mix each
+    mean_b = b[rng.integers(0, b.shape[0], size=(n, b.shape[0]))].mean(axis=1)
+    drawn = rng.integers(0, cases, size=(n, cases))
+    means = np.take_along_axis(mean_a - mean_b, drawn, axis=1).mean(axis=1)
+    tail = 50 * (1 - boot.confidence)
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _seed_matrix(scores: MethodScores, measure: str, cases: Sequence[str]) -> np.ndarray:
+    """(seeds, cases) array of one measure."""
+    return np.array([[getattr(s, measure)[c] for c in cases] for s in scores.per_seed], dtype=float).reshape(
+        len(scores.per_seed), len(cases))
+
+
 def paired_difference(method: MethodScores, versus: MethodScores, measure: str, boot: Bootstrap) -> Difference:
     a, b = method.per_case(measure), versus.per_case(measure)
     per_case = {c: a[c] - b[c] for c in a if not (math.isnan(a[c]) or math.isnan(b[c]))}
@@ -128,9 +172,14 @@ def paired_difference(method: MethodScores, versus: MethodScores, measure: str, 
         sb = getattr(versus.per_seed[versus.seeds.index(seed)], measure)
         d = [sa[c] - sb[c] for c in sa if not (math.isnan(sa[c]) or math.isnan(sb[c]))]
         per_seed.append(float(np.mean(d)) if d else math.nan)
+    # The seed-and-case interval needs every seed defined; a case undefined under some seed is left out of it.
+    a, b = _seed_matrix(method, measure, list(per_case)), _seed_matrix(versus, measure, list(per_case))
+    defined = ~(np.isnan(a).any(axis=0) | np.isnan(b).any(axis=0))
+    seed_low, seed_high = seed_and_case_interval(a[:, defined], b[:, defined], boot)
     return Difference(method.label, versus.label, measure, per_case,
                       float(diff.mean()) if diff.size else math.nan, low, high,
-                      int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum()), per_seed)
+                      int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum()), per_seed,
+                      seed_low, seed_high)
 
 
 # ---------------------------------------------------------------------------------------------- reading a run
@@ -186,6 +235,14 @@ def _fmt(x: float, sign: bool = False) -> str:
     return "n/a" if math.isnan(x) else (f"{x:+.3f}" if sign else f"{x:.3f}")
 
 
+def _interval(low: float, high: float) -> str:
+    """Markdown cells ``[low, high] | excludes 0``."""
+    excl = _excludes_zero(low, high)
+    if excl is None:
+        return "n/a | n/a"
+    return f"[{_fmt(low, True)}, {_fmt(high, True)}] | {'**yes**' if excl else 'no'}"
+
+
 class PairedDifferences:
     """Every pair (later method minus earlier one, in the order given) on both measures."""
 
@@ -216,20 +273,27 @@ class PairedDifferences:
                 f"interval: {self.boot.describe()}",
                 "with under about 10 cases the percentile interval is too narrow (it undercovers) and moves with "
                 f"single cases; read an interval that excludes 0 as a pointer, not a proof (none below {MIN_CASES} "
-                "cases)"]
+                "cases)"] + ([
+                "seeds and cases: a second interval resamples each method's training seeds (whole models, "
+                "independently per method) as well as the cases, so it also holds the seed-to-seed spread; with "
+                "few seeds it is still too narrow; n/a where a method has a single seed"]
+                if any(len(m.seeds) > 1 for m in self.methods) else [])
 
     def to_markdown(self, title: str = "Paired differences between methods, per test case") -> str:
         lines = [f"# {title}", ""] + [f"- {line}" for line in self.method_lines()] + [""]
         multi_seed = any(len(m.seeds) > 1 for m in self.methods)
         for measure in MEASURES:
             lines += [f"## {self.measure_title(measure)}", "",
-                      f"| difference | mean | {100 * self.boot.confidence:g}% interval | excludes 0 | cases ahead "
-                      f"(first / second / tie) |" + (" mean per seed |" if multi_seed else ""),
-                      "|---|---:|---|---|---|" + ("---|" if multi_seed else "")]
+                      f"| difference | mean | {100 * self.boot.confidence:g}% interval | excludes 0 |"
+                      + (" interval, seeds and cases resampled | excludes 0 |" if multi_seed else "")
+                      + " cases ahead (first / second / tie) |" + (" mean per seed |" if multi_seed else ""),
+                      "|---|---:|---|---|" + ("---|---|" if multi_seed else "") + "---|"
+                      + ("---|" if multi_seed else "")]
             for d in self.differences[measure]:
-                excl = {True: "**yes**", False: "no", None: "n/a"}[d.excludes_zero]
-                row = (f"| {d.method} − {d.versus} | {_fmt(d.mean, True)} | [{_fmt(d.low, True)}, "
-                       f"{_fmt(d.high, True)}] | {excl} | {d.method_ahead} / {d.versus_ahead} / {d.ties} of {d.n} |")
+                row = f"| {d.method} − {d.versus} | {_fmt(d.mean, True)} | {_interval(d.low, d.high)} |"
+                if multi_seed:
+                    row += f" {_interval(d.seed_low, d.seed_high)} |"
+                row += f" {d.method_ahead} / {d.versus_ahead} / {d.ties} of {d.n} |"
                 if multi_seed:
                     row += " " + (", ".join(_fmt(x, True) for x in d.per_seed) or "n/a") + " |"
                 lines.append(row)
@@ -247,12 +311,14 @@ class PairedDifferences:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["measure", "method", "versus", "n_cases", "mean_difference", "ci_low", "ci_high",
-                    "method_ahead", "versus_ahead", "ties", "mean_difference_per_seed"])
+                    "method_ahead", "versus_ahead", "ties", "mean_difference_per_seed", "ci_seeds_low",
+                    "ci_seeds_high"])
         for measure in MEASURES:
             for d in self.differences[measure]:
                 w.writerow([measure, d.method, d.versus, d.n] + ["" if math.isnan(x) else f"{x:.6f}"
                                                                for x in (d.mean, d.low, d.high)]
-                           + [d.method_ahead, d.versus_ahead, d.ties, " ".join(f"{x:.6f}" for x in d.per_seed)])
+                           + [d.method_ahead, d.versus_ahead, d.ties, " ".join(f"{x:.6f}" for x in d.per_seed)]
+                           + ["" if math.isnan(x) else f"{x:.6f}" for x in (d.seed_low, d.seed_high)])
         return buf.getvalue()
 
     def to_json(self) -> dict:
@@ -262,7 +328,9 @@ class PairedDifferences:
             "method": self.method_lines(),
             "bootstrap": {"n_resamples": self.boot.n_resamples, "confidence": self.boot.confidence,
                           "seed": self.boot.seed, "kind": "percentile", "resampled": "test cases",
-                          "seeds": "per-case values averaged over each method's training seeds before resampling"},
+                          "seeds": "per-case values averaged over each method's training seeds before resampling",
+                          "seed_interval": "ci_seeds_low/high: each method's seeds (whole models) resampled too, "
+                                           "independently per method; null below two seeds per method"},
             "test_cases": self.cases,
             "measures": {m: self.measure_title(m) for m in MEASURES},
             "methods": {m.label: {"key": m.key, "seeds": m.seeds,
@@ -270,7 +338,10 @@ class PairedDifferences:
                                                for measure in MEASURES}} for m in self.methods},
             "differences": {measure: [{"method": d.method, "versus": d.versus, "n_cases": d.n,
                                        "mean": clean(d.mean), "ci_low": clean(d.low), "ci_high": clean(d.high),
-                                       "excludes_zero": d.excludes_zero, "method_ahead": d.method_ahead,
+                                       "excludes_zero": d.excludes_zero, "ci_seeds_low": clean(d.seed_low),
+                                       "ci_seeds_high": clean(d.seed_high),
+                                       "seed_interval_excludes_zero": d.seed_interval_excludes_zero,
+                                       "method_ahead": d.method_ahead,
                                        "versus_ahead": d.versus_ahead, "ties": d.ties,
                                        "per_case": {c: clean(v) for c, v in d.per_case.items()},
                                        "mean_per_seed": [clean(x) for x in d.per_seed]}
@@ -289,13 +360,16 @@ class PairedDifferences:
                     d.excludes_zero]
                 if not math.isnan(d.low):
                     ax.plot([d.low, d.high], [yi, yi], color=colour, lw=2)
+                if not math.isnan(d.seed_low):      # seeds resampled too: thin, just below the case interval
+                    ax.plot([d.seed_low, d.seed_high], [yi - 0.22] * 2, color=colour, lw=1, alpha=0.7)
                 ax.plot([d.mean], [yi], "o", color=colour)
                 ax.plot(list(d.per_case.values()), [yi] * d.n, "|", color="black", alpha=0.35, ms=8)
                 ax.annotate(f"{d.method_ahead}/{d.versus_ahead}", (1.0, yi), xycoords=("axes fraction", "data"),
                             xytext=(4, -3), textcoords="offset points", fontsize=7)
             ax.axvline(0, color="black", lw=0.8)
             ax.set_yticks(y, [f"{d.method} − {d.versus}" for d in diffs])
-            ax.set_xlabel("Dice difference (per case: ticks; mean: dot; line: interval)")
+            ax.set_xlabel("Dice difference (per case: ticks; mean: dot; line: interval; thin line below: seeds "
+                          "resampled too)")
             ax.set_title(self.measure_title(measure), fontsize=9)
             ax.grid(axis="x", alpha=0.3)
         fig.suptitle(f"Paired differences over {len(self.cases)} test cases, {100 * self.boot.confidence:g}% "
