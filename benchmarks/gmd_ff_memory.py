@@ -13,7 +13,7 @@ import argparse
 import json
 
 from nnunet_gmd.atomic import write_json
-from nnunet_gmd.bench import _subprocess
+from nnunet_gmd.bench import run_in_subprocess
 from nnunet_gmd.bench_cli import DEFAULTS
 from nnunet_gmd.bench_fast import DEFAULTS as FAST_DEFAULTS
 
@@ -27,10 +27,10 @@ def main() -> None:
     args = parser.parse_args()
     cfg = {**DEFAULTS, **FAST_DEFAULTS, "steps": args.steps, "fusion": "features"}
     blob = json.dumps(cfg)
-    setup = _subprocess(["--worker", "setup", "--cfg", blob])["rss_mb"]
+    setup = run_in_subprocess(["--worker", "setup", "--cfg", blob])["rss_mb"]
     result: dict = {"config": cfg, "setup_mb": setup}
     for method in METHODS:
-        r = _subprocess(["--worker", method, "--cfg", blob])
+        r = run_in_subprocess(["--worker", method, "--cfg", blob])
         result[f"{method}_s"] = round(r["median_s"], 3)
         result.setdefault("peak_extra_mb", {})[method] = round(max(0.0, r["peak_mb"] - setup), 1)
         print(method, result[f"{method}_s"], "s", result["peak_extra_mb"][method], "MB", flush=True)

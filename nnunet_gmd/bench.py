@@ -165,7 +165,11 @@ def accuracy(cfg: dict) -> float:
     return num / den
 
 
-def _subprocess(args: list[str]) -> dict:
+def run_in_subprocess(args: list[str]) -> dict:
+    """Run one measurement in a fresh interpreter and return its JSON line.
+
+    A fresh process per method keeps peak-memory readings (ru_maxrss only grows) and allocator state apart.
+    """
     out = subprocess.run([sys.executable, "-m", "nnunet_gmd.bench", *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {args} failed:\n{out.stderr[-3000:]}")
@@ -177,12 +181,12 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
 
     blob = json.dumps(cfg)
     result: dict = {"config": cfg}
-    setup = _subprocess(["--worker", "setup", "--cfg", blob])["rss_mb"]
+    setup = run_in_subprocess(["--worker", "setup", "--cfg", blob])["rss_mb"]
     for method in tqdm(METHODS + FAST_METHODS, desc="bench gmd", disable=not progress):
-        r = _subprocess(["--worker", method, "--cfg", blob])
+        r = run_in_subprocess(["--worker", method, "--cfg", blob])
         result[f"{method}_s"] = round(r["median_s"], 4)
         result.setdefault("peak_extra_mb", {})[method] = round(max(0.0, r["peak_mb"] - setup), 1)
-    result["max_rel_err"] = _subprocess(["--worker", "accuracy", "--cfg", blob])["max_rel_err"]
+    result["max_rel_err"] = run_in_subprocess(["--worker", "accuracy", "--cfg", blob])["max_rel_err"]
     net, _, _ = build(cfg)
     result["params_m"] = round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
     result["threads"] = torch.get_num_threads()
@@ -195,8 +199,8 @@ def run_benchmark(cfg: dict, progress: bool = True) -> dict:
                                                               / max(result["peak_extra_mb"]["reference"], 1e-9), 3)}
     from nnunet_gmd import bench_fast
 
-    result.update(bench_fast.summary(result, _subprocess(["--worker", "fast_accuracy", "--cfg", blob])))
-    result["paired"] = _subprocess(["--worker", "paired", "--cfg", blob])
+    result.update(bench_fast.summary(result, run_in_subprocess(["--worker", "fast_accuracy", "--cfg", blob])))
+    result["paired"] = run_in_subprocess(["--worker", "paired", "--cfg", blob])
     return result
 
 
