@@ -171,13 +171,20 @@ def test_results_table_means_and_plot(tmp_path):
     assert np.allclose(means["missing modalities"][:, 1], 0.6)   # the undefined value is skipped, not zero
     paths = results.write(tmp_path / "out", "bench", "test", ["8 training cases"])
     md = paths["md"].read_text()
-    assert "| A | 0.500 | 0.500 | 0.500 |" not in md          # first columns are the all-subsets means
+    means_row = next(line for line in md.splitlines() if line.startswith("| A |"))
+    assert means_row.startswith(f"| A | {(14 * 0.5 + 1.0) / 15:.3f} |")   # first columns: the all-subsets means
     assert "| t1+t1ce+t2+flair | **1.000** | 0.600 |" in md
     assert "| t1 | 0.500 | **0.600** | 0.500 | **0.600** | **0.500** | n/a |" in md
+    # By count: A is 0.5 with 1-3 sequences and 1.0 with all 4; there are 4, 6, 4 and 1 such subsets.
+    counts, by_count, by_count_sd = results.by_count()
+    assert counts == [1, 2, 3, 4] and np.allclose(by_count[:, 0], [0.5, 0.5, 0.5, 1.0])
+    assert np.allclose(by_count[:, 1], 0.6) and np.isnan(by_count_sd).all()       # one seed: no spread
+    assert "| A | 0.500 | 0.500 | 0.500 | 1.000 |" in md and "4 of 4 (1 subsets)" in md
     rows = paths["csv"].read_text().splitlines()
     assert rows[0] == "available,n_available,region,method,dice" and len(rows) == 1 + 15 * 3 * 2
     data = json.loads(paths["json"].read_text())
     assert data["mean_dice"]["missing modalities"]["A"]["mean"] == 0.5
     assert data["dice"]["t1"]["enhancing tumor"]["B"] is None
+    assert data["mean_dice_by_available_count"]["4"]["A"] == {"mean": 1.0, "sd_over_seeds": None}
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(data["mean_dice"]["all subsets"]["B"]["enhancing tumor"])

@@ -257,6 +257,8 @@ def test_seeds_train_into_their_own_folders_and_reuse_a_single_seed_run(tmp_path
     gmd_missing = results.means()["missing modalities"][:, 1]
     assert gmd_missing == pytest.approx([0.4 + 0.02 + 0.025] * 3)      # mean over seeds 0, 1, 2 and cases
     assert results.seed_sd()["missing modalities"][-1, 1] == pytest.approx(0.02)   # sd of 0.425, 0.445, 0.465
+    by_count_sd = results.by_count()[2]
+    assert by_count_sd[:3, 1] == pytest.approx([0.02] * 3)          # the seed offset is the same on every subset
     written = results.write(tmp_path / "out", "bench", "test")
     assert "0.445 ± 0.020" in written["md"].read_text()
     assert json.loads(written["json"].read_text())["seeds"] == {"nnUNet (zero-fill)": 3, "GMD": 3}

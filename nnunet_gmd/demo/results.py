@@ -2,7 +2,9 @@
 
 Reads the reports of ``nnunet-gmd evaluate``. Besides the mean over all 15 subsets (the paper's headline) it
 gives the mean over the 14 subsets with at least one missing modality, which is what missing-modality methods
-are for, and the full-modality row on its own.
+are for, and the full-modality row on its own. It also averages by how many sequences are available (1 to 4),
+because late-fusion and early-fusion models trade places there: one can win every single-sequence subset and lose
+every three-sequence one with the same missing-modality mean.
 
 A method may come with one report per training seed: its Dice is then the mean over the seeds, and the means
 table adds the standard deviation over seeds of each seed's mean (``mean ± sd``).
@@ -101,8 +103,31 @@ class Results:
             out[kind] = sd
         return out
 
+    def by_count(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Region- and subset-averaged Dice per number of available sequences.
+
+        Returns the counts, a counts x methods array of means (of the seed-averaged Dice) and a counts x methods
+        array of the standard deviation over seeds of each seed's mean (NaN for one seed).
+        """
+        n_available = np.array([s.count("+") + 1 for s in self.subsets])
+        counts = sorted(set(int(k) for k in n_available))
+        mean = np.full((len(counts), len(self.labels)), np.nan)
+        sd = np.full_like(mean, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # a method undefined on every value stays NaN
+            for i, k in enumerate(counts):
+                mean[i] = np.nanmean(self.dice[n_available == k], axis=(0, 1))
+                per_report = np.nanmean(self.dice_per_report[n_available == k], axis=(0, 1))
+                for j in range(len(self.labels)):
+                    if self.n_seeds[j] > 1:
+                        sd[i, j] = np.nanstd(per_report[self.owner == j], ddof=1)
+        return counts, mean, sd
+
     def _cell(self, mean: float, sd: float) -> str:
         return _fmt(mean) if not self.multi_seed or math.isnan(sd) else f"{_fmt(mean)} ± {sd:.3f}"
+
+    def _n_subsets(self, k: int) -> int:
+        return sum(s.count("+") + 1 == k for s in self.subsets)
 
     # ------------------------------------------------------------------------------------------ text forms
     def to_markdown(self, title: str, details: Sequence[str] = ()) -> str:
@@ -122,6 +147,14 @@ class Results:
                                                                                         self.n_seeds))
                       + ". Each value is the mean over the seeds; ± is the standard deviation over seeds of each "
                         "seed's mean (ddof 1). The subset table below shows seed means."]
+        counts, by_count, by_count_sd = self.by_count()
+        lines += ["", "## Mean Dice by number of available sequences", "",
+                  "| method | " + " | ".join(f"{k} of {len(self.channels)} ({self._n_subsets(k)} subsets)"
+                                            for k in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]
+        for j, label in enumerate(self.labels):
+            lines.append(f"| {label} | " + " | ".join(self._cell(by_count[i, j], by_count_sd[i, j])
+                                                      for i in range(len(counts))) + " |")
         lines += ["", f"## Dice per available subset ({len(self.subsets)} subsets x {len(self.regions)} regions x "
                       f"{len(self.labels)} methods)", "",
                   "| available | " + " | ".join(f"{_short(r)} {m}" for r in self.regions for m in self.labels) + " |",
@@ -162,6 +195,7 @@ class Results:
         def clean(x: float):
             return None if math.isnan(x) else round(float(x), 6)
         means, sd, per_seed = self.means(), self.seed_sd(), self.seed_means()
+        counts, by_count, by_count_sd = self.by_count()
         names = [*self.regions, "mean"]
         return {
             "methods": self.labels, "regions": self.regions, "channels": self.channels, "test_cases": self.cases,
@@ -170,6 +204,9 @@ class Results:
             "mean_dice": {k: {m: {**{r: clean(means[k][i, j]) for i, r in enumerate(self.regions)},
                                   "mean": clean(float(np.nanmean(means[k][:, j])))}
                               for j, m in enumerate(self.labels)} for k in MEAN_KINDS},
+            "mean_dice_by_available_count": {
+                str(k): {m: {"mean": clean(by_count[i, j]), "sd_over_seeds": clean(by_count_sd[i, j])}
+                         for j, m in enumerate(self.labels)} for i, k in enumerate(counts)},
             "seeds": dict(zip(self.labels, self.n_seeds)),
             "mean_dice_sd_over_seeds": {k: {m: {r: clean(sd[k][i, j]) for i, r in enumerate(names)}
                                             for j, m in enumerate(self.labels)} for k in MEAN_KINDS},
