@@ -8,7 +8,7 @@ over the subsets with a missing modality and the full set (Dice averaged over th
 
 Training seeds: a method's per-case value is first averaged over its training seeds, then the cases are
 resampled. That interval is about which test cases happened to be drawn, for seed-averaged models. The seeds
-themselves move a model too (on BraTS at the ``cpu`` preset by up to 0.07 Dice, more than most method differences),
+themselves move a model too (on BraTS at the ``cpu`` preset by 0.07-0.16 Dice, more than most method differences),
 so where both methods have at least two seeds a second interval resamples each method's seeds as well as the
 cases (:func:`seed_and_case_interval`); the mean difference within each seed is shown beside both.
 

@@ -63,6 +63,7 @@ class Results:
                                   for j in range(len(groups))], axis=-1)     # subsets x regions x methods
         full = "+".join(self.channels)
         self.is_full = np.array([s == full for s in self.subsets])
+        self.n_available = np.array([s.count("+") + 1 for s in self.subsets])   # sequences in each subset
 
     @property
     def multi_seed(self) -> bool:
@@ -109,15 +110,14 @@ class Results:
         Returns the counts, a counts x methods array of means (of the seed-averaged Dice) and a counts x methods
         array of the standard deviation over seeds of each seed's mean (NaN for one seed).
         """
-        n_available = np.array([s.count("+") + 1 for s in self.subsets])
-        counts = sorted(set(int(k) for k in n_available))
+        counts = sorted(set(int(k) for k in self.n_available))
         mean = np.full((len(counts), len(self.labels)), np.nan)
         sd = np.full_like(mean, np.nan)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)     # a method undefined on every value stays NaN
             for i, k in enumerate(counts):
-                mean[i] = np.nanmean(self.dice[n_available == k], axis=(0, 1))
-                per_report = np.nanmean(self.dice_per_report[n_available == k], axis=(0, 1))
+                mean[i] = np.nanmean(self.dice[self.n_available == k], axis=(0, 1))
+                per_report = np.nanmean(self.dice_per_report[self.n_available == k], axis=(0, 1))
                 for j in range(len(self.labels)):
                     if self.n_seeds[j] > 1:
                         sd[i, j] = np.nanstd(per_report[self.owner == j], ddof=1)
@@ -125,9 +125,6 @@ class Results:
 
     def _cell(self, mean: float, sd: float) -> str:
         return _fmt(mean) if not self.multi_seed or math.isnan(sd) else f"{_fmt(mean)} ± {sd:.3f}"
-
-    def _n_subsets(self, k: int) -> int:
-        return sum(s.count("+") + 1 == k for s in self.subsets)
 
     # ------------------------------------------------------------------------------------------ text forms
     def to_markdown(self, title: str, details: Sequence[str] = ()) -> str:
@@ -148,9 +145,10 @@ class Results:
                       + ". Each value is the mean over the seeds; ± is the standard deviation over seeds of each "
                         "seed's mean (ddof 1). The subset table below shows seed means."]
         counts, by_count, by_count_sd = self.by_count()
+        n_subsets = [int((self.n_available == k).sum()) for k in counts]
         lines += ["", "## Mean Dice by number of available sequences", "",
-                  "| method | " + " | ".join(f"{k} of {len(self.channels)} ({self._n_subsets(k)} subsets)"
-                                            for k in counts) + " |",
+                  "| method | " + " | ".join(f"{k} of {len(self.channels)} ({n} subsets)" for k, n in zip(counts, n_subsets))
+                  + " |",
                   "|---|" + "---:|" * len(counts)]
         for j, label in enumerate(self.labels):
             lines.append(f"| {label} | " + " | ".join(self._cell(by_count[i, j], by_count_sd[i, j])
@@ -181,7 +179,7 @@ class Results:
             for i, region in enumerate(self.regions):
                 for j, label in enumerate(self.labels):
                     v = self.dice[s, i, j]
-                    row = [name, name.count("+") + 1, region, label, "" if math.isnan(v) else f"{v:.6f}"]
+                    row = [name, int(self.n_available[s]), region, label, "" if math.isnan(v) else f"{v:.6f}"]
                     if self.multi_seed:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", RuntimeWarning)   # undefined under every seed
