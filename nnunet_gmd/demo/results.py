@@ -147,7 +147,8 @@ class Results:
         counts, by_count, by_count_sd = self.by_count()
         n_subsets = [int((self.n_available == k).sum()) for k in counts]
         lines += ["", "## Mean Dice by number of available sequences", "",
-                  "| method | " + " | ".join(f"{k} of {len(self.channels)} ({n} subsets)" for k, n in zip(counts, n_subsets))
+                  "| method | " + " | ".join(f"{k} of {len(self.channels)} ({n} subsets)"
+                                            for k, n in zip(counts, n_subsets))
                   + " |",
                   "|---|" + "---:|" * len(counts)]
         for j, label in enumerate(self.labels):
