@@ -36,7 +36,8 @@ def random_batch(trainer, seed: int = 0) -> dict:
     return {"data": data, "target": targets}
 
 
-@pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 0.5), ("nnUNetTrainerDS_W1", 1.0)])
+@pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 0.5), ("nnUNetTrainerDS_W1", 1.0),
+                                         ("nnUNetTrainerGMD_amortized_W1", 1.0)])
 def test_network_is_built_from_the_plans_with_the_width_factor(nnunet_paths, name, width):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

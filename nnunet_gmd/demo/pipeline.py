@@ -55,6 +55,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("gmd_amortized", "nnUNetTrainerGMD_amortized", "GMD amortised N=32"),
     Method("gmd_amortized_sub", "nnUNetTrainerGMD_amortized_sub", "GMD amortised sub-batch N=8"),
     Method("gmd_m1", "nnUNetTrainerGMD_m1", "GMD M+1 objectives"),
+    Method("gmd_amortized_w1", "nnUNetTrainerGMD_amortized_W1", "GMD amortised width 1.0"),
 )}
 
 

@@ -9,7 +9,7 @@
   fusion weights per modality and output channel instead of the plain mean.
 * ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W1``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
   (nnU-Net's SGD at 1e-2 with a linear warm-up; full-width branches; HeMIS' mean-and-variance feature fusion).
-* ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
+* ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
 Every per-subset loss is nnU-Net's own loss (DC+CE or the region loss, deep-supervision weighted) on the mean of
@@ -485,6 +485,13 @@ class nnUNetTrainerGMD_m1(nnUNetTrainerGMD_amortized):
     objectives = "unimodal+full"
 
 
+class nnUNetTrainerGMD_amortized_W1(nnUNetTrainerGMD_amortized):
+    """Amortised GMD with full-width branches: GMD against its own ablation at the width where DS does best
+    (``nnUNetTrainerDS_W1``)."""
+
+    width_factor = 1.0
+
+
 class nnUNetTrainerGMD_amortized_smoke(nnUNetTrainerGMD_amortized):
     budget = SMOKE_BUDGET
     gmd_interval = 4  # 6 smoke steps: refreshes at steps 0 and 4, reuse steps in between
@@ -499,5 +506,11 @@ class nnUNetTrainerGMD_m1_smoke(nnUNetTrainerGMD_m1):
     budget = SMOKE_BUDGET
 
 
+class nnUNetTrainerGMD_amortized_W1_smoke(nnUNetTrainerGMD_amortized_W1):
+    budget = SMOKE_BUDGET
+    gmd_interval = 4
+
+
 __all__ += ["nnUNetTrainerGMD_amortized", "nnUNetTrainerGMD_amortized_sub", "nnUNetTrainerGMD_m1",
-            "nnUNetTrainerGMD_amortized_smoke", "nnUNetTrainerGMD_amortized_sub_smoke", "nnUNetTrainerGMD_m1_smoke"]
+            "nnUNetTrainerGMD_amortized_smoke", "nnUNetTrainerGMD_amortized_sub_smoke", "nnUNetTrainerGMD_m1_smoke",
+            "nnUNetTrainerGMD_amortized_W1", "nnUNetTrainerGMD_amortized_W1_smoke"]
