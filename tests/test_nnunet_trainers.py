@@ -36,23 +36,67 @@ def random_batch(trainer, seed: int = 0) -> dict:
     return {"data": data, "target": targets}
 
 
-@pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 0.5), ("nnUNetTrainerDS_W1", 1.0),
+def _first_conv_width(network) -> int:
+    return network.encoder.stages[0].blocks[0].conv.out_channels
+
+
+@pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 1.0), ("nnUNetTrainerDS_W05", 0.5),
                                          ("nnUNetTrainerGMD_amortized_W1", 1.0)])
-def test_network_is_built_from_the_plans_with_the_width_factor(nnunet_paths, name, width):
+def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnunet_paths, monkeypatch, tmp_path,
+                                                                            name, width):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_gmd.nnunet.network import WIDTH_KEY
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))  # a fresh output folder (nnU-Net reads it when used)
+    trainer = make_trainer(nnunet_paths, name)
+    planned = trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+    assert isinstance(trainer.network, DSUNet) and trainer.network.num_modalities == 4
+    assert _first_conv_width(trainer.network) == round(planned[0] * width)
+    assert trainer.plans_manager.plans["configurations"][CONFIG][WIDTH_KEY] == width  # what plans.json will hold
+    # the predictor: the saved plans, deep supervision off, a strict load
+    saved = PlansManager(json.loads(json.dumps(trainer.plans_manager.plans)))
+    rebuilt = type(trainer).build_network_architecture(saved, saved.get_configuration(CONFIG), 4, 3, False)
+    rebuilt.load_state_dict(trainer.network.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 0.5), ("nnUNetTrainerDS", 0.5),
+                                         ("nnUNetTrainerDS_W1", 1.0), ("nnUNetTrainerGMD_FF", 0.5)])
+def test_a_model_folder_without_a_recorded_width_rebuilds_at_the_legacy_width(nnunet_paths, name, width):
+    """plans.json of a model trained before widths were recorded: the width the class had then."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     trainer_class = recursive_find_trainer_class_by_name(name)
-    pre = nnunet_paths.preprocessed / DATASET_NAME
-    plans = PlansManager(str(pre / "nnUNetPlans.json"))
+    plans = PlansManager(str(nnunet_paths.preprocessed / DATASET_NAME / "nnUNetPlans.json"))
     cm = plans.get_configuration(CONFIG)
     with_ds = trainer_class.build_network_architecture(plans, cm, 4, 3, True)
     without = trainer_class.build_network_architecture(plans, cm, 4, 3, False)
-    assert isinstance(with_ds, DSUNet) and with_ds.num_modalities == 4
-    planned = cm.network_arch_init_kwargs["features_per_stage"]
-    first_conv = with_ds.encoder.stages[0].blocks[0].conv
-    assert first_conv.in_channels == 1 and first_conv.out_channels == round(planned[0] * width)
-    without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
+    assert _first_conv_width(with_ds) == round(cm.network_arch_init_kwargs["features_per_stage"][0] * width)
+    without.load_state_dict(with_ds.state_dict(), strict=True)
+
+
+def test_a_new_fold_or_resume_keeps_the_width_of_the_folder_it_joins(nnunet_paths, monkeypatch, tmp_path):
+    """Another fold (or ``--c``) in a folder of an older training must match its weights and its one plans.json."""
+    from nnunet_gmd.errors import UserError
+    from nnunet_gmd.nnunet.network import WIDTH_KEY
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = json.loads((nnunet_paths.preprocessed / DATASET_NAME / "nnUNetPlans.json").read_text())
+    folder = tmp_path / DATASET_NAME / f"nnUNetTrainerDS__{plans['plans_name']}__{CONFIG}"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))  # an old training's: no width recorded
+    trainer = make_trainer(nnunet_paths, "nnUNetTrainerDS")
+    assert trainer.plans_manager.plans["configurations"][CONFIG][WIDTH_KEY] == 0.5
+    planned = trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+    assert _first_conv_width(trainer.network) == round(planned[0] * 0.5)
+
+    plans["configurations"][CONFIG][WIDTH_KEY] = "wide"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(UserError, match=rf"plans.json: plans key {WIDTH_KEY} must be a number"):
+        make_trainer(nnunet_paths, "nnUNetTrainerDS")
+    (folder / "plans.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"plans.json: cannot read its configurations"):
+        make_trainer(nnunet_paths, "nnUNetTrainerDS")
 
 
 def test_gmd_train_step_optimises_the_mean_subset_loss_with_statistics(nnunet_paths):

@@ -44,6 +44,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("ds", "nnUNetTrainerDS", "DS"),
     Method("ds_sgd", "nnUNetTrainerDS_SGD", "DS SGD+warm-up"),
     Method("ds_w1", "nnUNetTrainerDS_W1", "DS width 1.0"),
+    Method("ds_w05", "nnUNetTrainerDS_W05", "DS width 0.5"),
     Method("gmd", "nnUNetTrainerGMD", "GMD"),
     Method("gmd_k5", "nnUNetTrainerGMD_k5", "GMD k=5"),
     Method("ds_ff", "nnUNetTrainerDS_FF", "DS-FF"),

@@ -9,6 +9,7 @@ only needs its own ``*_from_plans`` function that goes through :func:`build_from
 from __future__ import annotations
 
 import importlib
+import json
 import pydoc
 import weakref
 from dataclasses import dataclass, field
@@ -16,10 +17,14 @@ from typing import Any, Optional
 
 from torch import nn
 
+from nnunet_gmd.errors import UserError
 from nnunet_gmd.networks import FUSIONS, DSFeatureFusionUNet, DSNetworkBase, DSUNet
 
 LOGIT_FUSION = "logits"
 LEARNED_LOGIT_FUSION = "learned_logits"   # DSUNet with learned, availability-masked fusion weights
+
+# The plans key (in a configuration) that records a DS model's branch width; see recorded_width.
+WIDTH_KEY = "nnunet_gmd_width_factor"
 
 # Architecture arguments of PlainConvUNet that DSUNet takes unchanged.
 _PASSED_THROUGH = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage_decoder", "conv_bias", "norm_op_kwargs",
@@ -130,6 +135,31 @@ def ds_unet_spec_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_c
         **{k: kwargs.get(k) for k in _PASSED_THROUGH if k in kwargs},
         **extra,
     })
+
+
+def recorded_width(configuration: dict, default: float) -> float:
+    """The branch width a plans configuration records (:data:`WIDTH_KEY`), or ``default`` where it records none."""
+    width = configuration.get(WIDTH_KEY, default)
+    if not isinstance(width, (int, float)) or isinstance(width, bool) or not 0 < width <= 4:
+        raise UserError(f"plans key {WIDTH_KEY} must be a number in (0, 4], got {width!r}")
+    return float(width)
+
+
+def saved_width(plans_json: str, configuration: str, legacy: float, default: float) -> float:
+    """The width recorded in a model folder's plans.json: ``legacy`` if that configuration records none (the
+    folder predates the key), ``default`` if the file lacks the configuration."""
+    try:
+        with open(plans_json) as f:
+            saved = json.load(f)["configurations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{plans_json}: cannot read its configurations ({type(e).__name__}: {e}); move the "
+                        f"folder away to train afresh") from None
+    if configuration not in saved:
+        return default
+    try:
+        return recorded_width(saved[configuration], legacy)
+    except UserError as e:
+        raise UserError(f"{plans_json}: {e}") from None
 
 
 def ds_unet_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_channels: int, num_output_channels: int,

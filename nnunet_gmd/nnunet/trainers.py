@@ -7,8 +7,12 @@
   DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
 * ``nnUNetTrainerDS_LW``, ``nnUNetTrainerGMD_LW``: the logit-fusion DS network with learned, availability-masked
   fusion weights per modality and output channel instead of the plain mean.
-* ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W1``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
-  (nnU-Net's SGD at 1e-2 with a linear warm-up; full-width branches; HeMIS' mean-and-variance feature fusion).
+* ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W05``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
+  (nnU-Net's SGD at 1e-2 with a linear warm-up; half-width branches, the default before run 8 of issue 10;
+  HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name.
+
+Each training records its branch width in the plans.json it saves (:data:`~nnunet_gmd.nnunet.network.WIDTH_KEY`);
+the predictor rebuilds from that, and a plans.json without it is a model trained at ``legacy_width_factor``.
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
 * ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
@@ -36,7 +40,8 @@ from nnunet_gmd.gmd_fast import DEFAULT_INTERVAL, AmortizedGMD, ds_mean_backward
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.nnunet.optimizers import SGDWarmupMixin
-from nnunet_gmd.nnunet.network import LEARNED_LOGIT_FUSION, LOGIT_FUSION, ds_unet_from_plans
+from nnunet_gmd.nnunet.network import (LEARNED_LOGIT_FUSION, LOGIT_FUSION, WIDTH_KEY, ds_unet_from_plans,
+                                       recorded_width, saved_width)
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
 
@@ -55,7 +60,8 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     training with an error naming the batch's cases (:class:`~nnunet_gmd.nnunet.trainer_base.PackageTrainer`).
     """
 
-    width_factor: float = 0.5  # four half-width branches cost about one stock network
+    width_factor: float = 1.0  # full-width branches: +0.10 Dice over half width on BraTS, 3 seeds (issue 10, run 8)
+    legacy_width_factor: float = 0.5  # the width of models whose plans.json records none (trained before it did)
     fusion: str = LOGIT_FUSION  # "logits", "learned_logits" (DSUNet) or a feature fusion ("mean", "mean_var")
     subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
     include_full_set: bool = False  # always put the full set in a sampled draw
@@ -64,6 +70,7 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self._record_width(configuration)
         self.subset_sampler: Optional[SubsetSampler] = None
         self.modality_names = [str(n) for _, n in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
 
@@ -76,9 +83,29 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
         if configuration_manager.previous_stage_name is not None:
             raise ValueError("cascade configurations feed segmentations as extra input channels, which are not "
                              "modalities; train the DS/GMD trainers on a full-resolution or 2d configuration")
+        width = recorded_width(configuration_manager.configuration, cls.legacy_width_factor)
         return ds_unet_from_plans(configuration_manager.network_arch_class_name,
                                   configuration_manager.network_arch_init_kwargs, num_input_channels,
-                                  num_output_channels, enable_deep_supervision, cls.width_factor, cls.fusion)
+                                  num_output_channels, enable_deep_supervision, width, cls.fusion)
+
+    def _record_width(self, configuration: str) -> None:
+        """Write this training's branch width into its plans, which nnU-Net saves beside the weights, so the
+        predictor rebuilds the same network even after a class's default width changes.
+
+        The width comes from the plans if they name one, else from a plans.json an earlier training left in this
+        output folder (folds and ``--c`` must match the weights already there), else from the class.
+        """
+        if WIDTH_KEY in self.configuration_manager.configuration:
+            width, source = recorded_width(self.configuration_manager.configuration, self.width_factor), "the plans"
+        else:
+            saved = os.path.join(self.output_folder_base, "plans.json") if self.output_folder_base else None
+            if saved and os.path.isfile(saved):
+                width, source = saved_width(saved, configuration, self.legacy_width_factor, self.width_factor), saved
+            else:
+                width, source = self.width_factor, type(self).__name__
+        self.plans_manager.plans["configurations"][configuration][WIDTH_KEY] = width
+        self.configuration_manager.configuration[WIDTH_KEY] = width
+        self.print_to_log_file(f"branch width factor {width:g} (from {source})")
 
     def initialize(self):
         if not self.was_initialized:
@@ -279,6 +306,7 @@ class nnUNetTrainerDS_FF(nnUNetTrainerDS):
     """
 
     fusion = "mean"
+    width_factor = 0.5  # feature fusion was only ever measured at half width
     subsets_per_step = 5
     include_full_set = True
 
@@ -287,12 +315,14 @@ class nnUNetTrainerGMD_FF(nnUNetTrainerGMD):
     """Exact GMD over all subsets on the feature-fusion DS network."""
 
     fusion = "mean"
+    width_factor = 0.5
 
 
 class nnUNetTrainerGMD_k5_FF(nnUNetTrainerGMD_k5):
     """GMD over 5 sampled subsets (the full set always among them) on the feature-fusion DS network."""
 
     fusion = "mean"
+    width_factor = 0.5
     include_full_set = True
 
 
@@ -319,11 +349,19 @@ class nnUNetTrainerDS_SGD(SGDWarmupMixin, nnUNetTrainerDS):
 
 
 class nnUNetTrainerDS_W1(nnUNetTrainerDS):
-    """The DS ablation with full-width branches: each sequence's branch has the plans' feature counts, so the four
-    branches together cost about four stock networks in arithmetic (the default half width about one; on
-    the 2-core CPU a training took 2.1x as long)."""
+    """The DS ablation with full-width branches, the default width since run 8 of issue 10. Kept by name because
+    it was full width before widths were recorded in the plans (``legacy_width_factor``), so its folders load."""
 
     width_factor = 1.0
+    legacy_width_factor = 1.0
+
+
+class nnUNetTrainerDS_W05(nnUNetTrainerDS):
+    """The DS ablation with half-width branches, the default before run 8 of issue 10: four half-width branches
+    cost about one stock network in arithmetic (full width about four; on the 2-core CPU full width trained
+    1.6x as long), at about 0.10 less mean Dice on BraTS over three seeds."""
+
+    width_factor = 0.5
 
 
 class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
@@ -338,6 +376,10 @@ class nnUNetTrainerDS_SGD_smoke(nnUNetTrainerDS_SGD):
 
 
 class nnUNetTrainerDS_W1_smoke(nnUNetTrainerDS_W1):
+    budget = SMOKE_BUDGET
+
+
+class nnUNetTrainerDS_W05_smoke(nnUNetTrainerDS_W05):
     budget = SMOKE_BUDGET
 
 
@@ -382,7 +424,8 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_k5_FF", "nnUNetTrainerDS_FF_smoke", "nnUNetTrainerGMD_FF_smoke",
            "nnUNetTrainerGMD_k5_FF_smoke", "nnUNetTrainerDS_LW", "nnUNetTrainerGMD_LW", "nnUNetTrainerDS_LW_smoke",
            "nnUNetTrainerGMD_LW_smoke", "nnUNetTrainerDS_SGD", "nnUNetTrainerDS_FF_MV", "nnUNetTrainerDS_SGD_smoke",
-           "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke"]
+           "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke",
+           "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
@@ -486,10 +529,11 @@ class nnUNetTrainerGMD_m1(nnUNetTrainerGMD_amortized):
 
 
 class nnUNetTrainerGMD_amortized_W1(nnUNetTrainerGMD_amortized):
-    """Amortised GMD with full-width branches: GMD against its own ablation at the width where DS does best
-    (``nnUNetTrainerDS_W1``)."""
+    """Amortised GMD with full-width branches (now the default width): the name its first folders were trained
+    under, before widths were recorded in the plans."""
 
     width_factor = 1.0
+    legacy_width_factor = 1.0
 
 
 class nnUNetTrainerGMD_amortized_smoke(nnUNetTrainerGMD_amortized):
