@@ -158,7 +158,7 @@ def _report(path: Path, trainer: str, dice_of) -> Path:
     return path
 
 
-def test_results_table_means_and_plot(tmp_path):
+def test_results_table_means_and_plot(tmp_path, monkeypatch):
     # Method A is perfect with all modalities and 0.5 otherwise; B is 0.6 everywhere; ET of B undefined on t1.
     a = _report(tmp_path / "a.json", "A", lambda s, r: 1.0 if len(s) == 4 else 0.5)
     b = _report(tmp_path / "b.json", "B", lambda s, r: None if (s == (0,) and r == "enhancing tumor") else 0.6)
@@ -169,7 +169,15 @@ def test_results_table_means_and_plot(tmp_path):
     assert np.allclose(means["missing modalities"][:, 0], 0.5)
     assert np.allclose(means["all subsets"][:, 0], (14 * 0.5 + 1.0) / 15)
     assert np.allclose(means["missing modalities"][:, 1], 0.6)   # the undefined value is skipped, not zero
+    import nnunet_gmd.demo.results as results_module
+    figures = []
+    saver = results_module.save_figure
+    monkeypatch.setattr(results_module, "save_figure", lambda fig, path, **kw: (figures.append(fig),
+                                                                                saver(fig, path, **kw)))
     paths = results.write(tmp_path / "out", "bench", "test", ["8 training cases"])
+    by_count_axes = figures[0].axes[-1]          # the last row: one line per method over 1-4 sequences
+    plotted = [line.get_ydata() for line in by_count_axes.get_lines()]
+    assert len(plotted) == 2 and np.allclose(plotted, [[0.5, 0.5, 0.5, 1.0], [0.6] * 4])
     md = paths["md"].read_text()
     means_row = next(line for line in md.splitlines() if line.startswith("| A |"))
     assert means_row.startswith(f"| A | {(14 * 0.5 + 1.0) / 15:.3f} |")   # first columns: the all-subsets means

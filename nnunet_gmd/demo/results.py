@@ -216,10 +216,12 @@ class Results:
 
     # ------------------------------------------------------------------------------------------ plot
     def plot(self, path: Path, title: str) -> None:
-        """Per region: Dice of every method on every subset (left), and the mean bars (right)."""
+        """Per region: Dice of every method on every subset (left), and the mean bars (right); in the last row, the
+        mean Dice by number of available sequences, where late and early fusion part ways."""
         n_r = len(self.regions)
-        fig, axes = plt.subplots(n_r, 2, figsize=(15, 3.2 * n_r), squeeze=False,
-                                 gridspec_kw={"width_ratios": [3.2, 1]})
+        fig = plt.figure(figsize=(15, 3.2 * (n_r + 1)))
+        grid = fig.add_gridspec(n_r + 1, 2, width_ratios=[3.2, 1])
+        axes = np.array([[fig.add_subplot(grid[i, 0]), fig.add_subplot(grid[i, 1])] for i in range(n_r)])
         x = np.arange(len(self.subsets))
         means, sd = self.means(), self.seed_sd()
         width = 0.8 / max(1, len(self.labels))
@@ -242,12 +244,26 @@ class Results:
             bars.set_title(f"mean {_short(region)} Dice", fontsize=9)
             bars.grid(axis="y", alpha=0.3)
         axes[0, 0].legend(loc="lower right", fontsize=8, ncol=len(self.labels))
+        self._plot_by_count(fig.add_subplot(grid[n_r, :]))
         fig.suptitle(title)
         fig.tight_layout()
         try:
             save_figure(fig, path, dpi=110)
         finally:
             plt.close(fig)
+
+    def _plot_by_count(self, ax) -> None:
+        counts, mean, sd = self.by_count()
+        for j, label in enumerate(self.labels):
+            ax.errorbar(np.array(counts) + (j - (len(self.labels) - 1) / 2) * 0.04, mean[:, j],
+                        yerr=sd[:, j] if self.multi_seed else None, marker="o", ms=4, capsize=3, label=label)
+        ax.set_xticks(counts, [f"{k} of {max(counts)}" for k in counts])
+        ax.set_xlabel("available sequences")
+        ax.set_ylabel("mean Dice\n(regions, subsets)")
+        ax.set_title("mean Dice by number of available sequences" + (" (± sd over seeds)" if self.multi_seed else ""),
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8, ncol=len(self.labels))
 
     def write(self, out_dir: Path, stem: str, title: str, details: Sequence[str] = (), extra: dict | None = None
               ) -> dict[str, Path]:
