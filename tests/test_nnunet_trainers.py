@@ -160,6 +160,9 @@ def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnun
     assert all(len(norms) == 4 for norms in first["logging"]["gmd_modality_grad_norms"])
     assert "subset_sampler" in first["nnunet_gmd_state"] and "gmd_generator" in first["nnunet_gmd_state"]
     assert (fold / "gmd_progress.png").stat().st_size > 1000 and (fold / "progress.png").is_file()
+    from nnunet_gmd.nnunet.network import WIDTH_KEY
+    saved_plans = json.loads((trained_gmd_smoke / "plans.json").read_text())  # what nnUNetv2_predict rebuilds from
+    assert saved_plans["configurations"][CONFIG][WIDTH_KEY] == 1.0
 
     train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, str(resume_fold), "-tr", GMD_SMOKE, "-device", "cpu", "--c"]
     proc = run_tool(train, ws.env(NNUNET_GMD_NUM_EPOCHS=str(done + 1), NNUNET_GMD_FINAL_VALIDATION="1"), timeout=900)
