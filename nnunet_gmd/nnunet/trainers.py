@@ -10,11 +10,12 @@
 * ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W05``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
   (nnU-Net's SGD at 1e-2 with a linear warm-up; half-width branches, the default before run 8 of issue 10;
   HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name.
+* ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end
+  of this file.
+* ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
 Each training records its branch width in the plans.json it saves (:data:`~nnunet_gmd.nnunet.network.WIDTH_KEY`);
 the predictor rebuilds from that, and a plans.json without it is a model trained at ``legacy_width_factor``.
-* ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end of this file.
-* ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
 
 Every per-subset loss is nnU-Net's own loss (DC+CE or the region loss, deep-supervision weighted) on the mean of
 that subset's branch logits. Validation and the final validation use all modalities, as in nnU-Net.
@@ -349,7 +350,7 @@ class nnUNetTrainerDS_SGD(SGDWarmupMixin, nnUNetTrainerDS):
 
 
 class nnUNetTrainerDS_W1(nnUNetTrainerDS):
-    """The DS ablation with full-width branches, the default width since run 8 of issue 10. Kept by name because
+    """The DS ablation with full-width branches, the default width after issue 10's run 8. Kept by name because
     it was full width before widths were recorded in the plans (``legacy_width_factor``), so its folders load."""
 
     width_factor = 1.0
