@@ -41,7 +41,8 @@ def _first_conv_width(network) -> int:
 
 
 @pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 1.0), ("nnUNetTrainerDS_W05", 0.5),
-                                         ("nnUNetTrainerGMD_amortized_W1", 1.0)])
+                                         ("nnUNetTrainerGMD_amortized_W1", 1.0), ("nnUNetTrainerGMD_smoke", 0.5),
+                                         ("nnUNetTrainerDS_W1_smoke", 1.0)])
 def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnunet_paths, monkeypatch, tmp_path,
                                                                             name, width):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -162,7 +163,7 @@ def test_train_resume_and_find_best_configuration_through_nnunet_tools(tiny_nnun
     assert (fold / "gmd_progress.png").stat().st_size > 1000 and (fold / "progress.png").is_file()
     from nnunet_gmd.nnunet.network import WIDTH_KEY
     saved_plans = json.loads((trained_gmd_smoke / "plans.json").read_text())  # what nnUNetv2_predict rebuilds from
-    assert saved_plans["configurations"][CONFIG][WIDTH_KEY] == 1.0
+    assert saved_plans["configurations"][CONFIG][WIDTH_KEY] == 0.5  # smoke variants train at half width
 
     train = ["nnUNetv2_train", str(DATASET_ID), CONFIG, str(resume_fold), "-tr", GMD_SMOKE, "-device", "cpu", "--c"]
     proc = run_tool(train, ws.env(NNUNET_GMD_NUM_EPOCHS=str(done + 1), NNUNET_GMD_FINAL_VALIDATION="1"), timeout=900)

@@ -12,7 +12,7 @@
   HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name.
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end
   of this file.
-* ``<Trainer>_smoke``: two tiny epochs, for tests and first contact.
+* ``<Trainer>_smoke``: two tiny epochs at half width, for tests and first contact (``_W1_smoke`` keeps full width).
 
 Each training records its branch width in the plans.json it saves (:data:`~nnunet_gmd.nnunet.network.WIDTH_KEY`);
 the predictor rebuilds from that, and a plans.json without it is a model trained at ``legacy_width_factor``.
@@ -372,52 +372,63 @@ class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
 
 
 # ---------------------------------------------------------------------------- smoke variants
-class nnUNetTrainerDS_SGD_smoke(nnUNetTrainerDS_SGD):
+class Smoke:
+    """First among the bases of a ``_smoke`` variant: two tiny epochs at half width.
+
+    A smoke run checks that the pipeline runs, not what it learns, and full-width branches cost about 2.5x the
+    time per step; the width is still recorded in the plans, so predict and export rebuild it exactly.
+    """
+
     budget = SMOKE_BUDGET
+    width_factor = 0.5
 
 
-class nnUNetTrainerDS_W1_smoke(nnUNetTrainerDS_W1):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_SGD_smoke(Smoke, nnUNetTrainerDS_SGD):
+    pass
 
 
-class nnUNetTrainerDS_W05_smoke(nnUNetTrainerDS_W05):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_W1_smoke(Smoke, nnUNetTrainerDS_W1):
+    width_factor = 1.0  # the width is what this trainer is about
 
 
-class nnUNetTrainerDS_FF_MV_smoke(nnUNetTrainerDS_FF_MV):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_W05_smoke(Smoke, nnUNetTrainerDS_W05):
+    pass
 
 
-class nnUNetTrainerDS_LW_smoke(nnUNetTrainerDS_LW):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_FF_MV_smoke(Smoke, nnUNetTrainerDS_FF_MV):
+    pass
 
 
-class nnUNetTrainerGMD_LW_smoke(nnUNetTrainerGMD_LW):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_LW_smoke(Smoke, nnUNetTrainerDS_LW):
+    pass
 
 
-class nnUNetTrainerDS_smoke(nnUNetTrainerDS):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_LW_smoke(Smoke, nnUNetTrainerGMD_LW):
+    pass
 
 
-class nnUNetTrainerGMD_smoke(nnUNetTrainerGMD):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_smoke(Smoke, nnUNetTrainerDS):
+    pass
 
 
-class nnUNetTrainerGMD_k5_smoke(nnUNetTrainerGMD_k5):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_smoke(Smoke, nnUNetTrainerGMD):
+    pass
 
 
-class nnUNetTrainerDS_FF_smoke(nnUNetTrainerDS_FF):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_k5_smoke(Smoke, nnUNetTrainerGMD_k5):
+    pass
 
 
-class nnUNetTrainerGMD_FF_smoke(nnUNetTrainerGMD_FF):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerDS_FF_smoke(Smoke, nnUNetTrainerDS_FF):
+    pass
 
 
-class nnUNetTrainerGMD_k5_FF_smoke(nnUNetTrainerGMD_k5_FF):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_FF_smoke(Smoke, nnUNetTrainerGMD_FF):
+    pass
+
+
+class nnUNetTrainerGMD_k5_FF_smoke(Smoke, nnUNetTrainerGMD_k5_FF):
+    pass
 
 
 __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNetTrainerDS_smoke",
@@ -537,22 +548,20 @@ class nnUNetTrainerGMD_amortized_W1(nnUNetTrainerGMD_amortized):
     legacy_width_factor = 1.0
 
 
-class nnUNetTrainerGMD_amortized_smoke(nnUNetTrainerGMD_amortized):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_amortized_smoke(Smoke, nnUNetTrainerGMD_amortized):
     gmd_interval = 4  # 6 smoke steps: refreshes at steps 0 and 4, reuse steps in between
 
 
-class nnUNetTrainerGMD_amortized_sub_smoke(nnUNetTrainerGMD_amortized_sub):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_amortized_sub_smoke(Smoke, nnUNetTrainerGMD_amortized_sub):
     gmd_interval = 4
 
 
-class nnUNetTrainerGMD_m1_smoke(nnUNetTrainerGMD_m1):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_m1_smoke(Smoke, nnUNetTrainerGMD_m1):
+    pass
 
 
-class nnUNetTrainerGMD_amortized_W1_smoke(nnUNetTrainerGMD_amortized_W1):
-    budget = SMOKE_BUDGET
+class nnUNetTrainerGMD_amortized_W1_smoke(Smoke, nnUNetTrainerGMD_amortized_W1):
+    width_factor = 1.0
     gmd_interval = 4
 
 
