@@ -104,7 +104,7 @@ def _benchmark_stats(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 6 min on an idle 2-core CPU)",
+        "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 35 min on a 2-core CPU at full width)",
         description="Generate BraTS-like brain phantoms, convert them to an nnU-Net dataset, plan and preprocess, "
                     "train nnUNetTrainerGMD and stock nnU-Net under the same budget, evaluate both under all 15 "
                     "modality subsets and compare them (tables, heatmaps, plot). Finished steps are reused.")

@@ -1,4 +1,4 @@
-"""``nnunet-gmd demo``: the whole pipeline on built-in phantoms, no download, about 15 minutes on 2 CPU cores.
+"""``nnunet-gmd demo``: the whole pipeline on built-in phantoms, no download; 35 min on 2 CPU cores at full width.
 
 Steps: generate BraTS-like phantoms -> ``convert-brats`` -> nnU-Net planning/preprocessing (reduced plans) ->
 train GMD and stock nnU-Net under one budget -> evaluate both under all 15 subsets -> compare.
