@@ -42,7 +42,7 @@ def _first_conv_width(network) -> int:
 
 @pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 1.0), ("nnUNetTrainerDS_W05", 0.5),
                                          ("nnUNetTrainerGMD_amortized_W1", 1.0), ("nnUNetTrainerGMD_smoke", 0.5),
-                                         ("nnUNetTrainerDS_W1_smoke", 1.0)])
+                                         ("nnUNetTrainerDS_W1_smoke", 1.0), ("nnUNetTrainerDS_FF_MV_W1", 1.0)])
 def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnunet_paths, monkeypatch, tmp_path,
                                                                             name, width):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -51,7 +51,8 @@ def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnu
     monkeypatch.setenv("nnUNet_results", str(tmp_path))  # a fresh output folder (nnU-Net reads it when used)
     trainer = make_trainer(nnunet_paths, name)
     planned = trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
-    assert isinstance(trainer.network, DSUNet) and trainer.network.num_modalities == 4
+    assert isinstance(trainer.network, DSFeatureFusionUNet if "_FF" in name else DSUNet)
+    assert trainer.network.num_modalities == 4
     assert _first_conv_width(trainer.network) == round(planned[0] * width)
     assert trainer.plans_manager.plans["configurations"][CONFIG][WIDTH_KEY] == width  # what plans.json will hold
     # the predictor: the saved plans, deep supervision off, a strict load

@@ -9,7 +9,8 @@
   fusion weights per modality and output channel instead of the plain mean.
 * ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W05``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
   (nnU-Net's SGD at 1e-2 with a linear warm-up; half-width branches, the default before run 8 of issue 10;
-  HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name.
+  HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name;
+  ``nnUNetTrainerDS_FF_MV_W1`` is mean-and-variance feature fusion at full width.
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end
   of this file.
 * ``<Trainer>_smoke``: two tiny epochs at half width, for tests and first contact (``_W1_smoke`` keeps full width).
@@ -371,6 +372,13 @@ class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
     fusion = "mean_var"
 
 
+class nnUNetTrainerDS_FF_MV_W1(nnUNetTrainerDS_FF_MV):
+    """DS-FF mean + variance with full-width branches: the two changes that each lifted DS on BraTS (run 7:
+    mean + variance fusion; runs 7-8: width 1.0), never measured together before."""
+
+    width_factor = 1.0
+
+
 # ---------------------------------------------------------------------------- smoke variants
 class Smoke:
     """First among the bases of a ``_smoke`` variant: two tiny epochs at half width.
@@ -397,6 +405,10 @@ class nnUNetTrainerDS_W05_smoke(Smoke, nnUNetTrainerDS_W05):
 
 class nnUNetTrainerDS_FF_MV_smoke(Smoke, nnUNetTrainerDS_FF_MV):
     pass
+
+
+class nnUNetTrainerDS_FF_MV_W1_smoke(Smoke, nnUNetTrainerDS_FF_MV_W1):
+    width_factor = 1.0  # the width is what this trainer is about
 
 
 class nnUNetTrainerDS_LW_smoke(Smoke, nnUNetTrainerDS_LW):
@@ -437,7 +449,8 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_k5_FF_smoke", "nnUNetTrainerDS_LW", "nnUNetTrainerGMD_LW", "nnUNetTrainerDS_LW_smoke",
            "nnUNetTrainerGMD_LW_smoke", "nnUNetTrainerDS_SGD", "nnUNetTrainerDS_FF_MV", "nnUNetTrainerDS_SGD_smoke",
            "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke",
-           "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke"]
+           "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke", "nnUNetTrainerDS_FF_MV_W1",
+           "nnUNetTrainerDS_FF_MV_W1_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
