@@ -50,6 +50,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("ds_ff", "nnUNetTrainerDS_FF", "DS-FF"),
     Method("ds_ff_mv", "nnUNetTrainerDS_FF_MV", "DS-FF mean+var"),
     Method("ds_ff_mv_w1", "nnUNetTrainerDS_FF_MV_W1", "DS-FF mean+var width 1.0"),
+    Method("ds_ff_w1", "nnUNetTrainerDS_FF_W1", "DS-FF width 1.0"),
     Method("gmd_ff", "nnUNetTrainerGMD_FF", "GMD-FF"),
     Method("gmd_k5_ff", "nnUNetTrainerGMD_k5_FF", "GMD-FF k=5"),
     Method("ds_lw", "nnUNetTrainerDS_LW", "DS-LW"),

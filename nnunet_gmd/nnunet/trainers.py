@@ -10,7 +10,7 @@
 * ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W05``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
   (nnU-Net's SGD at 1e-2 with a linear warm-up; half-width branches, the default before run 8 of issue 10;
   HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name;
-  ``nnUNetTrainerDS_FF_MV_W1`` is mean-and-variance feature fusion at full width.
+  ``nnUNetTrainerDS_FF_MV_W1`` and ``nnUNetTrainerDS_FF_W1`` are the two feature fusions at full width.
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end
   of this file.
 * ``<Trainer>_smoke``: two tiny epochs at half width, for tests and first contact (``_W1_smoke`` keeps full width).
@@ -372,6 +372,13 @@ class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
     fusion = "mean_var"
 
 
+class nnUNetTrainerDS_FF_W1(nnUNetTrainerDS_FF):
+    """DS-FF (plain mean fusion) with full-width branches: beside ``_FF_MV_W1``, it tells whether the variance
+    still matters once the branches are full width."""
+
+    width_factor = 1.0
+
+
 class nnUNetTrainerDS_FF_MV_W1(nnUNetTrainerDS_FF_MV):
     """DS-FF mean + variance with full-width branches: the two changes that each lifted DS on BraTS (run 7:
     mean + variance fusion; runs 7-8: width 1.0), never measured together before."""
@@ -405,6 +412,10 @@ class nnUNetTrainerDS_W05_smoke(Smoke, nnUNetTrainerDS_W05):
 
 class nnUNetTrainerDS_FF_MV_smoke(Smoke, nnUNetTrainerDS_FF_MV):
     pass
+
+
+class nnUNetTrainerDS_FF_W1_smoke(Smoke, nnUNetTrainerDS_FF_W1):
+    width_factor = 1.0  # the width is what this trainer is about
 
 
 class nnUNetTrainerDS_FF_MV_W1_smoke(Smoke, nnUNetTrainerDS_FF_MV_W1):
@@ -450,7 +461,7 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_LW_smoke", "nnUNetTrainerDS_SGD", "nnUNetTrainerDS_FF_MV", "nnUNetTrainerDS_SGD_smoke",
            "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke",
            "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke", "nnUNetTrainerDS_FF_MV_W1",
-           "nnUNetTrainerDS_FF_MV_W1_smoke"]
+           "nnUNetTrainerDS_FF_MV_W1_smoke", "nnUNetTrainerDS_FF_W1", "nnUNetTrainerDS_FF_W1_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
