@@ -374,14 +374,15 @@ class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
 class nnUNetTrainerDS_FF_W1(nnUNetTrainerDS_FF):
     """DS-FF (plain mean fusion) with full-width branches, the name of run 10's study: beside ``_FF_MV_W1`` it
     measures what the variance adds once the branches are full width (0.02 with a sequence missing, 2 seeds).
-    ``nnUNetTrainerDS_FF`` is the same network since then."""
+    ``nnUNetTrainerDS_FF`` is the same network since then; this name pins the width, as ``_DS_W1`` does."""
 
     width_factor = 1.0
 
 
 class nnUNetTrainerDS_FF_MV_W1(nnUNetTrainerDS_FF_MV):
     """DS-FF mean + variance with full-width branches: the two changes that each lifted DS on BraTS (run 7:
-    mean + variance fusion; runs 7-8: width 1.0), never measured together before."""
+    mean + variance fusion; runs 7-8: width 1.0), measured together in run 10. ``nnUNetTrainerDS_FF_MV`` is the
+    same network since the FF default width became 1.0; this name pins the width, as ``_DS_W1`` does."""
 
     width_factor = 1.0
 
