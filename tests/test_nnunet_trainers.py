@@ -43,7 +43,8 @@ def _first_conv_width(network) -> int:
 @pytest.mark.parametrize("name, width", [("nnUNetTrainerGMD", 1.0), ("nnUNetTrainerDS_W05", 0.5),
                                          ("nnUNetTrainerGMD_amortized_W1", 1.0), ("nnUNetTrainerGMD_smoke", 0.5),
                                          ("nnUNetTrainerDS_W1_smoke", 1.0), ("nnUNetTrainerDS_FF_MV_W1", 1.0),
-                                         ("nnUNetTrainerDS_FF_W1", 1.0), ("nnUNetTrainerGMD_k5_FF", 1.0)])
+                                         ("nnUNetTrainerDS_FF_W1", 1.0), ("nnUNetTrainerGMD_k5_FF", 1.0),
+                                         ("nnUNetTrainerGMD_k5_FF_MV_W1", 1.0)])
 def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnunet_paths, monkeypatch, tmp_path,
                                                                             name, width):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

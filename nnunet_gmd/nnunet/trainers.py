@@ -10,7 +10,8 @@
 * ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W05``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
   (nnU-Net's SGD at 1e-2 with a linear warm-up; half-width branches, the default before run 8 of issue 10;
   HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name;
-  ``nnUNetTrainerDS_FF_MV_W1`` and ``nnUNetTrainerDS_FF_W1`` are the two feature fusions at full width.
+  ``nnUNetTrainerDS_FF_MV_W1`` and ``nnUNetTrainerDS_FF_W1`` are the two feature fusions at full width, and
+  ``nnUNetTrainerGMD_k5_FF_MV_W1`` is GMD (k=5) on the first, the best DS network so far.
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end
   of this file.
 * ``<Trainer>_smoke``: two tiny epochs at half width, for tests and first contact (``_W1_smoke`` keeps full width).
@@ -387,6 +388,14 @@ class nnUNetTrainerDS_FF_MV_W1(nnUNetTrainerDS_FF_MV):
     width_factor = 1.0
 
 
+class nnUNetTrainerGMD_k5_FF_MV_W1(nnUNetTrainerGMD_k5_FF):
+    """GMD over 5 sampled subsets (the full set always among them) on ``nnUNetTrainerDS_FF_MV_W1``'s network:
+    the same subsets per step, losses and optimiser, so the two differ only in how the subset gradients merge."""
+
+    fusion = "mean_var"
+    width_factor = 1.0
+
+
 # ---------------------------------------------------------------------------- smoke variants
 class Smoke:
     """First among the bases of a ``_smoke`` variant: two tiny epochs at half width.
@@ -421,6 +430,10 @@ class nnUNetTrainerDS_FF_W1_smoke(Smoke, nnUNetTrainerDS_FF_W1):
 
 class nnUNetTrainerDS_FF_MV_W1_smoke(Smoke, nnUNetTrainerDS_FF_MV_W1):
     width_factor = 1.0  # the width is what this trainer is about
+
+
+class nnUNetTrainerGMD_k5_FF_MV_W1_smoke(Smoke, nnUNetTrainerGMD_k5_FF_MV_W1):
+    width_factor = 1.0  # the name pins the width
 
 
 class nnUNetTrainerDS_LW_smoke(Smoke, nnUNetTrainerDS_LW):
@@ -462,7 +475,8 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerGMD_LW_smoke", "nnUNetTrainerDS_SGD", "nnUNetTrainerDS_FF_MV", "nnUNetTrainerDS_SGD_smoke",
            "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke",
            "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke", "nnUNetTrainerDS_FF_MV_W1",
-           "nnUNetTrainerDS_FF_MV_W1_smoke", "nnUNetTrainerDS_FF_W1", "nnUNetTrainerDS_FF_W1_smoke"]
+           "nnUNetTrainerDS_FF_MV_W1_smoke", "nnUNetTrainerGMD_k5_FF_MV_W1",
+           "nnUNetTrainerGMD_k5_FF_MV_W1_smoke", "nnUNetTrainerDS_FF_W1", "nnUNetTrainerDS_FF_W1_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
