@@ -72,6 +72,8 @@ def test_plan_train_predict_missing_channel_and_evaluate(tiny_nnunet, trained_gm
 @pytest.mark.slow
 def test_feature_fusion_smoke_training_then_predict_without_flair(tiny_nnunet, tmp_path):
     """``nnUNetv2_train -tr nnUNetTrainerGMD_FF_smoke``, then ``nnunet-gmd predict`` on a case lacking FLAIR."""
+    from nnunet_gmd.nnunet.network import FUSION_KEY
+
     ws = tiny_nnunet
     trainer = "nnUNetTrainerGMD_FF_smoke"
     run_tool(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu"],
@@ -80,6 +82,8 @@ def test_feature_fusion_smoke_training_then_predict_without_flair(tiny_nnunet, t
                       weights_only=False)
     assert ckpt["current_epoch"] == 2 and len(ckpt["logging"]["gmd_conflicting_pairs"]) == 2
     assert any(k.startswith("decoder.") for k in ckpt["network_weights"])
+    saved_plans = json.loads((ws.model_folder(trainer) / "plans.json").read_text())  # what predict rebuilds from
+    assert saved_plans["configurations"][CONFIG][FUSION_KEY] == "mean_var"
     inp = make_input_folder(ws, tmp_path / "in", ["Phantom_002"], drop=[3])
     proc = run_tool(["nnunet-gmd", "predict", "-i", str(inp), "-o", str(tmp_path / "out"), "-d", str(DATASET_ID),
                      "-c", CONFIG, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", "-nps", "0",

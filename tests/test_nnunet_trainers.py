@@ -45,10 +45,10 @@ def _first_conv_width(network) -> int:
                                          ("nnUNetTrainerDS_W1_smoke", 1.0), ("nnUNetTrainerDS_FF_MV_W1", 1.0),
                                          ("nnUNetTrainerDS_FF_W1", 1.0), ("nnUNetTrainerGMD_k5_FF", 1.0),
                                          ("nnUNetTrainerGMD_k5_FF_MV_W1", 1.0)])
-def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnunet_paths, monkeypatch, tmp_path,
-                                                                            name, width):
+def test_training_records_its_width_and_fusion_in_the_plans_the_predictor_rebuilds_from(nnunet_paths, monkeypatch,
+                                                                                       tmp_path, name, width):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_gmd.nnunet.network import WIDTH_KEY
+    from nnunet_gmd.nnunet.network import FUSION_KEY, WIDTH_KEY
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))  # a fresh output folder (nnU-Net reads it when used)
     trainer = make_trainer(nnunet_paths, name)
@@ -56,7 +56,8 @@ def test_training_records_its_width_in_the_plans_the_predictor_rebuilds_from(nnu
     assert isinstance(trainer.network, DSFeatureFusionUNet if "_FF" in name else DSUNet)
     assert trainer.network.num_modalities == 4
     assert _first_conv_width(trainer.network) == round(planned[0] * width)
-    assert trainer.plans_manager.plans["configurations"][CONFIG][WIDTH_KEY] == width  # what plans.json will hold
+    recorded = trainer.plans_manager.plans["configurations"][CONFIG]  # what plans.json will hold
+    assert recorded[WIDTH_KEY] == width and recorded[FUSION_KEY] == type(trainer).fusion
     # the predictor: the saved plans, deep supervision off, a strict load
     saved = PlansManager(json.loads(json.dumps(trainer.plans_manager.plans)))
     rebuilt = type(trainer).build_network_architecture(saved, saved.get_configuration(CONFIG), 4, 3, False)
@@ -79,10 +80,28 @@ def test_a_model_folder_without_a_recorded_width_rebuilds_at_the_legacy_width(nn
     without.load_state_dict(with_ds.state_dict(), strict=True)
 
 
-def test_a_new_fold_or_resume_keeps_the_width_of_the_folder_it_joins(nnunet_paths, monkeypatch, tmp_path):
+@pytest.mark.parametrize("name, fusion", [("nnUNetTrainerDS_FF", "mean"), ("nnUNetTrainerGMD_FF", "mean"),
+                                          ("nnUNetTrainerGMD_k5_FF", "mean"), ("nnUNetTrainerDS_FF_W1", "mean"),
+                                          ("nnUNetTrainerDS_FF_smoke", "mean"), ("nnUNetTrainerDS_FF_MV", "mean_var"),
+                                          ("nnUNetTrainerDS_FF_MV_W1", "mean_var"),
+                                          ("nnUNetTrainerGMD_k5_FF_MV_W1", "mean_var")])
+def test_a_model_folder_without_a_recorded_fusion_rebuilds_with_the_fusion_it_was_trained_with(nnunet_paths, name,
+                                                                                               fusion):
+    """plans.json of a model trained before fusions were recorded: the fusion the class had then (the plain
+    mean for the ``_FF`` defaults, which fuse mean and variance since run 10)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    trainer_class = recursive_find_trainer_class_by_name(name)
+    plans = PlansManager(str(nnunet_paths.preprocessed / DATASET_NAME / "nnUNetPlans.json"))
+    network = trainer_class.build_network_architecture(plans, plans.get_configuration(CONFIG), 4, 3, False)
+    assert isinstance(network, DSFeatureFusionUNet) and network.fusion == fusion
+
+
+def test_a_new_fold_or_resume_keeps_the_width_and_fusion_of_the_folder_it_joins(nnunet_paths, monkeypatch, tmp_path):
     """Another fold (or ``--c``) in a folder of an older training must match its weights and its one plans.json."""
     from nnunet_gmd.errors import UserError
-    from nnunet_gmd.nnunet.network import WIDTH_KEY
+    from nnunet_gmd.nnunet.network import FUSION_KEY, WIDTH_KEY
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     plans = json.loads((nnunet_paths.preprocessed / DATASET_NAME / "nnUNetPlans.json").read_text())
@@ -93,6 +112,19 @@ def test_a_new_fold_or_resume_keeps_the_width_of_the_folder_it_joins(nnunet_path
     assert trainer.plans_manager.plans["configurations"][CONFIG][WIDTH_KEY] == 0.5
     planned = trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
     assert _first_conv_width(trainer.network) == round(planned[0] * 0.5)
+
+    # a DS-FF folder from before fusions were recorded: the plain mean it was trained with, not today's mean + var
+    ff_folder = tmp_path / DATASET_NAME / f"nnUNetTrainerDS_FF__{plans['plans_name']}__{CONFIG}"
+    ff_folder.mkdir(parents=True)
+    (ff_folder / "plans.json").write_text(json.dumps(plans))
+    trainer = make_trainer(nnunet_paths, "nnUNetTrainerDS_FF")
+    assert trainer.plans_manager.plans["configurations"][CONFIG][FUSION_KEY] == "mean"
+    assert trainer.network.fusion == "mean" and _first_conv_width(trainer.network) == round(planned[0] * 0.5)
+    plans["configurations"][CONFIG][FUSION_KEY] = "median"
+    (ff_folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(UserError, match=rf"plans.json: plans key {FUSION_KEY} must be one of logits, .*'median'"):
+        make_trainer(nnunet_paths, "nnUNetTrainerDS_FF")
+    del plans["configurations"][CONFIG][FUSION_KEY]
 
     plans["configurations"][CONFIG][WIDTH_KEY] = "wide"
     (folder / "plans.json").write_text(json.dumps(plans))
@@ -235,15 +267,17 @@ def test_feature_fusion_network_is_built_from_the_plans_and_loads_strictly(nnune
     cm = plans.get_configuration(CONFIG)
     with_ds = nnUNetTrainerGMD_FF.build_network_architecture(plans, cm, 4, 3, True)
     without = nnUNetTrainerGMD_FF.build_network_architecture(plans, cm, 4, 3, False)
-    assert isinstance(with_ds, DSFeatureFusionUNet) and with_ds.fusion == "mean"
+    assert isinstance(with_ds, DSFeatureFusionUNet)
+    assert with_ds.fusion == "mean"  # plans without a recorded fusion: a model from before mean + var
     without.load_state_dict(with_ds.state_dict(), strict=True)  # the predictor's strict load
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerGMD_FF", "nnUNetTrainerDS_FF", "nnUNetTrainerDS_FF_MV"])
-def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, name):
+@pytest.mark.parametrize("name, fusion", [("nnUNetTrainerGMD_FF", "mean_var"), ("nnUNetTrainerDS_FF", "mean_var"),
+                                          ("nnUNetTrainerDS_FF_W1", "mean")])
+def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, name, fusion):
     trainer = make_trainer(nnunet_paths, name)
     assert isinstance(trainer.network, DSFeatureFusionUNet)
-    assert trainer.network.fusion == ("mean_var" if name.endswith("_MV") else "mean")
+    assert trainer.network.fusion == fusion
     batch = random_batch(trainer, seed=2)
     net = trainer.network
     before = [p.detach().clone() for p in net.parameters()]

@@ -23,8 +23,11 @@ from nnunet_gmd.networks import FUSIONS, DSFeatureFusionUNet, DSNetworkBase, DSU
 LOGIT_FUSION = "logits"
 LEARNED_LOGIT_FUSION = "learned_logits"   # DSUNet with learned, availability-masked fusion weights
 
-# The plans key (in a configuration) that records a DS model's branch width; see recorded_width.
+# The plans keys (in a configuration) that record a DS model's branch width and fusion; see recorded_width and
+# recorded_fusion. A class's default may change; a trained model keeps what its plans.json records.
 WIDTH_KEY = "nnunet_gmd_width_factor"
+FUSION_KEY = "nnunet_gmd_fusion"
+ALL_FUSIONS = (LOGIT_FUSION, LEARNED_LOGIT_FUSION) + tuple(FUSIONS)
 
 # Architecture arguments of PlainConvUNet that DSUNet takes unchanged.
 _PASSED_THROUGH = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage_decoder", "conv_bias", "norm_op_kwargs",
@@ -114,12 +117,11 @@ def ds_unet_spec_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_c
     n_conv = kwargs.get("n_conv_per_stage", kwargs.get("n_blocks_per_stage"))
     if n_conv is None:
         raise ValueError(f"plans architecture {arch_class_name} has neither n_conv_per_stage nor n_blocks_per_stage")
-    logit_fusions = (LOGIT_FUSION, LEARNED_LOGIT_FUSION)
-    if fusion not in logit_fusions and fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {logit_fusions + tuple(FUSIONS)}, got {fusion!r}")
+    if fusion not in ALL_FUSIONS:
+        raise ValueError(f"fusion must be one of {ALL_FUSIONS}, got {fusion!r}")
     features = kwargs["features_per_stage"]
     features = [features] * kwargs["n_stages"] if isinstance(features, int) else list(features)
-    network_class = DSUNet if fusion in logit_fusions else DSFeatureFusionUNet
+    network_class = DSUNet if fusion in (LOGIT_FUSION, LEARNED_LOGIT_FUSION) else DSFeatureFusionUNet
     extra = ({} if fusion == LOGIT_FUSION else {"learned_fusion": True} if fusion == LEARNED_LOGIT_FUSION
              else {"fusion": fusion})
     return NetworkSpec(f"{network_class.__module__}.{network_class.__qualname__}", {
@@ -145,21 +147,23 @@ def recorded_width(configuration: dict, default: float) -> float:
     return float(width)
 
 
-def saved_width(plans_json: str, configuration: str, legacy: float, default: float) -> float:
-    """The width recorded in a model folder's plans.json: ``legacy`` if that configuration records none (the
-    folder predates the key), ``default`` if the file lacks the configuration."""
+def recorded_fusion(configuration: dict, default: str) -> str:
+    """The fusion a plans configuration records (:data:`FUSION_KEY`), or ``default`` where it records none."""
+    fusion = configuration.get(FUSION_KEY, default)
+    if fusion not in ALL_FUSIONS:
+        raise UserError(f"plans key {FUSION_KEY} must be one of {', '.join(ALL_FUSIONS)}, got {fusion!r}")
+    return fusion
+
+
+def saved_configuration(plans_json: str, configuration: str) -> Optional[dict]:
+    """One configuration of a model folder's plans.json, or None if the file lacks it."""
     try:
         with open(plans_json) as f:
             saved = json.load(f)["configurations"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{plans_json}: cannot read its configurations ({type(e).__name__}: {e}); move the "
                         f"folder away to train afresh") from None
-    if configuration not in saved:
-        return default
-    try:
-        return recorded_width(saved[configuration], legacy)
-    except UserError as e:
-        raise UserError(f"{plans_json}: {e}") from None
+    return saved.get(configuration)
 
 
 def ds_unet_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_channels: int, num_output_channels: int,

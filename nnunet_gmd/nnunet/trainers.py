@@ -4,7 +4,8 @@
 * ``nnUNetTrainerGMD_k5``: GMD over 5 subsets sampled per step, as in the paper.
 * ``nnUNetTrainerDS``: Dynamic Sharing network on the mean of the subset losses, no decoupling (the ablation).
 * ``nnUNetTrainerDS_FF``, ``nnUNetTrainerGMD_FF``, ``nnUNetTrainerGMD_k5_FF``: the same three on the feature-fusion
-  DS network (a shared encoder per sequence, the available branches' features averaged at every skip, one decoder).
+  DS network (a shared encoder per sequence; at every skip the mean and variance of the available branches'
+  features, HeMIS' fusion, since run 10 of issue 10; one decoder).
 * ``nnUNetTrainerDS_LW``, ``nnUNetTrainerGMD_LW``: the logit-fusion DS network with learned, availability-masked
   fusion weights per modality and output channel instead of the plain mean.
 * ``nnUNetTrainerDS_SGD``, ``nnUNetTrainerDS_W05``, ``nnUNetTrainerDS_FF_MV``: optimiser, width and fusion studies
@@ -16,8 +17,10 @@
   of this file.
 * ``<Trainer>_smoke``: two tiny epochs at half width, for tests and first contact (``_W1_smoke`` keeps full width).
 
-Each training records its branch width in the plans.json it saves (:data:`~nnunet_gmd.nnunet.network.WIDTH_KEY`);
-the predictor rebuilds from that, and a plans.json without it is a model trained at ``legacy_width_factor``.
+Each training records its branch width and fusion in the plans.json it saves
+(:data:`~nnunet_gmd.nnunet.network.WIDTH_KEY`, :data:`~nnunet_gmd.nnunet.network.FUSION_KEY`); the predictor
+rebuilds from those, and a plans.json without them is a model trained at ``legacy_width_factor`` and
+``legacy_fusion``.
 
 Every per-subset loss is nnU-Net's own loss (DC+CE or the region loss, deep-supervision weighted) on the mean of
 that subset's branch logits. Validation and the final validation use all modalities, as in nnU-Net.
@@ -43,8 +46,9 @@ from nnunet_gmd.gmd_fast import DEFAULT_INTERVAL, AmortizedGMD, ds_mean_backward
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
 from nnunet_gmd.nnunet.trainer_base import SMOKE_BUDGET, PackageTrainer, derived_seed
 from nnunet_gmd.nnunet.optimizers import SGDWarmupMixin
-from nnunet_gmd.nnunet.network import (LEARNED_LOGIT_FUSION, LOGIT_FUSION, WIDTH_KEY, ds_unet_from_plans,
-                                       recorded_width, saved_width)
+from nnunet_gmd.errors import UserError
+from nnunet_gmd.nnunet.network import (FUSION_KEY, LEARNED_LOGIT_FUSION, LOGIT_FUSION, WIDTH_KEY, ds_unet_from_plans,
+                                       recorded_fusion, recorded_width, saved_configuration)
 from nnunet_gmd.nnunet.progress import plot_gmd_progress
 from nnunet_gmd.subsets import SubsetSampler
 
@@ -66,6 +70,7 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     width_factor: float = 1.0  # full-width branches: +0.10 Dice over half width on BraTS, 3 seeds (issue 10, run 8)
     legacy_width_factor: float = 0.5  # the width of models whose plans.json records none (trained before it did)
     fusion: str = LOGIT_FUSION  # "logits", "learned_logits" (DSUNet) or a feature fusion ("mean", "mean_var")
+    legacy_fusion: Optional[str] = None  # the fusion of models whose plans.json records none; None: ``fusion``
     subsets_per_step: Optional[int] = None  # None: all 2^M - 1 subsets every step
     include_full_set: bool = False  # always put the full set in a sampled draw
     default_initial_lr = 1e-3
@@ -73,7 +78,7 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self._record_width(configuration)
+        self._record_architecture(configuration)
         self.subset_sampler: Optional[SubsetSampler] = None
         self.modality_names = [str(n) for _, n in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
 
@@ -86,29 +91,42 @@ class nnUNetTrainerDS(PackageTrainer, nnUNetTrainerAdam):
         if configuration_manager.previous_stage_name is not None:
             raise ValueError("cascade configurations feed segmentations as extra input channels, which are not "
                              "modalities; train the DS/GMD trainers on a full-resolution or 2d configuration")
-        width = recorded_width(configuration_manager.configuration, cls.legacy_width_factor)
+        planned = configuration_manager.configuration
+        width = recorded_width(planned, cls.legacy_width_factor)
+        fusion = recorded_fusion(planned, cls.legacy_fusion or cls.fusion)
         return ds_unet_from_plans(configuration_manager.network_arch_class_name,
                                   configuration_manager.network_arch_init_kwargs, num_input_channels,
-                                  num_output_channels, enable_deep_supervision, width, cls.fusion)
+                                  num_output_channels, enable_deep_supervision, width, fusion)
 
-    def _record_width(self, configuration: str) -> None:
-        """Write this training's branch width into its plans, which nnU-Net saves beside the weights, so the
-        predictor rebuilds the same network even after a class's default width changes.
+    def _record_architecture(self, configuration: str) -> None:
+        """Write this training's branch width and fusion into its plans, which nnU-Net saves beside the weights, so
+        the predictor rebuilds the same network even after a class's defaults change.
 
-        The width comes from the plans if they name one, else from a plans.json an earlier training left in this
-        output folder (folds and ``--c`` must match the weights already there), else from the class.
+        Each comes from the plans if they name it, else from a plans.json an earlier training left in this output
+        folder (folds and ``--c`` must match the weights already there; a plans.json that records none is a model
+        trained at the legacy value), else from the class.
         """
-        if WIDTH_KEY in self.configuration_manager.configuration:
-            width, source = recorded_width(self.configuration_manager.configuration, self.width_factor), "the plans"
-        else:
-            saved = os.path.join(self.output_folder_base, "plans.json") if self.output_folder_base else None
-            if saved and os.path.isfile(saved):
-                width, source = saved_width(saved, configuration, self.legacy_width_factor, self.width_factor), saved
+        planned = self.configuration_manager.configuration
+        saved = os.path.join(self.output_folder_base, "plans.json") if self.output_folder_base else None
+        saved_config = saved_configuration(saved, configuration) if saved and os.path.isfile(saved) else None
+        settings = ((WIDTH_KEY, recorded_width, self.width_factor, self.legacy_width_factor),
+                    (FUSION_KEY, recorded_fusion, self.fusion, self.legacy_fusion or self.fusion))
+        described = []
+        for key, read, default, legacy in settings:
+            if key in planned:
+                value, source = read(planned, default), "the plans"
+            elif saved_config is not None:
+                try:
+                    value, source = read(saved_config, legacy), saved
+                except UserError as e:
+                    raise UserError(f"{saved}: {e}") from None
             else:
-                width, source = self.width_factor, type(self).__name__
-        self.plans_manager.plans["configurations"][configuration][WIDTH_KEY] = width
-        self.configuration_manager.configuration[WIDTH_KEY] = width
-        self.print_to_log_file(f"branch width factor {width:g} (from {source})")
+                value, source = default, type(self).__name__
+            self.plans_manager.plans["configurations"][configuration][key] = value
+            planned[key] = value
+            shown = f"{value:g}" if isinstance(value, float) else value
+            described.append(f"{shown} (from {source})")
+        self.print_to_log_file(f"branch width factor {described[0]}, fusion {described[1]}")
 
     def initialize(self):
         if not self.was_initialized:
@@ -308,23 +326,28 @@ class nnUNetTrainerDS_FF(nnUNetTrainerDS):
     counterpart is :class:`nnUNetTrainerGMD_k5_FF`.
     """
 
-    fusion = "mean"
-    # full width (the DS default): +0.02 to +0.08 over half width on BraTS (issue 10, run 10); older folders
-    # record no width and rebuild at legacy_width_factor 0.5
+    # Full width (the DS default): +0.02 to +0.08 over half width on BraTS (issue 10, run 10). HeMIS' mean and
+    # variance: +0.021 over the plain mean with a sequence missing at full width (run 10, 2 seeds; 6/6 cases, an
+    # interval over cases of [+0.009, +0.035], over seeds and cases [-0.012, +0.056]).
+    # Folders that record neither rebuild at legacy_width_factor 0.5 and the legacy plain mean.
+    fusion = "mean_var"
+    legacy_fusion = "mean"
     subsets_per_step = 5
     include_full_set = True
 
 
 class nnUNetTrainerGMD_FF(nnUNetTrainerGMD):
-    """Exact GMD over all subsets on the feature-fusion DS network."""
+    """Exact GMD over all subsets on the feature-fusion DS network (the same network as ``nnUNetTrainerDS_FF``)."""
 
-    fusion = "mean"
+    fusion = "mean_var"
+    legacy_fusion = "mean"
 
 
 class nnUNetTrainerGMD_k5_FF(nnUNetTrainerGMD_k5):
     """GMD over 5 sampled subsets (the full set always among them) on the feature-fusion DS network."""
 
-    fusion = "mean"
+    fusion = "mean_var"
+    legacy_fusion = "mean"
     include_full_set = True
 
 
@@ -367,16 +390,20 @@ class nnUNetTrainerDS_W05(nnUNetTrainerDS):
 
 
 class nnUNetTrainerDS_FF_MV(nnUNetTrainerDS_FF):
-    """DS-FF with HeMIS' fusion: the mean and the variance of the available branches' features at every skip."""
+    """DS-FF with HeMIS' fusion: the mean and the variance of the available branches' features at every skip
+    (run 7's study name; ``nnUNetTrainerDS_FF`` is the same network since run 10)."""
 
     fusion = "mean_var"
+    legacy_fusion = "mean_var"
 
 
 class nnUNetTrainerDS_FF_W1(nnUNetTrainerDS_FF):
     """DS-FF (plain mean fusion) with full-width branches, the name of run 10's study: beside ``_FF_MV_W1`` it
     measures what the variance adds once the branches are full width (0.02 with a sequence missing, 2 seeds).
-    ``nnUNetTrainerDS_FF`` is the same network since then; this name pins the width, as ``_DS_W1`` does."""
+    This name pins the width and the plain mean (``nnUNetTrainerDS_FF`` fuses mean and variance since run 10)."""
 
+    fusion = "mean"
+    legacy_fusion = "mean"
     width_factor = 1.0
 
 
@@ -390,9 +417,11 @@ class nnUNetTrainerDS_FF_MV_W1(nnUNetTrainerDS_FF_MV):
 
 class nnUNetTrainerGMD_k5_FF_MV_W1(nnUNetTrainerGMD_k5_FF):
     """GMD over 5 sampled subsets (the full set always among them) on ``nnUNetTrainerDS_FF_MV_W1``'s network:
-    the same subsets per step, losses and optimiser, so the two differ only in how the subset gradients merge."""
+    the same subsets per step, losses and optimiser, so the two differ only in how the subset gradients merge.
+    ``nnUNetTrainerGMD_k5_FF`` is the same network since run 10; this name pins it."""
 
     fusion = "mean_var"
+    legacy_fusion = "mean_var"
     width_factor = 1.0
 
 
