@@ -32,7 +32,7 @@ def test_demo_smoke_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
 
     results = json.loads((out / "demo_results.json").read_text())
-    assert results["methods"] == ["nnUNet (zero-fill)", "GMD"]
+    assert results["methods"] == ["nnUNet (zero-fill)", "GMD-FF k=5"]
     assert results["regions"] == ["whole tumor", "tumor core", "enhancing tumor"]
     assert results["test_cases"] == ["Phantom_002"]
     assert len(results["dice"]) == 15
@@ -42,19 +42,24 @@ def test_demo_smoke_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert any(v is not None for v in values)
     # The reduced configuration came from nnU-Net's plans mechanism with the narrow network.
     assert results["plans"]["configuration"] == "3d_small" and results["plans"]["features_per_stage"][0] == 16
-    # Both methods trained under the same explicit budget; GMD really used the DS network and GMD.
-    for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerGMD"):
+    # Both methods trained under the same explicit budget; GMD really used the DS network and GMD ...
+    for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerGMD_k5_FF"):
         fold = out / "nnUNet_results" / "Dataset990_Phantoms" / f"{trainer}__nnUNetPlans_cpu__3d_small" / "fold_0"
         debug = json.loads((fold / "debug.json").read_text())
         assert (debug["num_epochs"], debug["num_iterations_per_epoch"]) == ("1", "2")
         assert (fold / "checkpoint_final.pth").is_file()
-    gmd_report = json.loads((out / "reports" / "gmd" / "missing_modality_report.json").read_text())
+    # ... and the feature-fusion network at full width with mean + variance fusion, recorded in its plans.
+    saved = json.loads((out / "nnUNet_results" / "Dataset990_Phantoms"
+                        / "nnUNetTrainerGMD_k5_FF__nnUNetPlans_cpu__3d_small" / "plans.json").read_text())
+    assert saved["configurations"]["3d_small"]["nnunet_gmd_fusion"] == "mean_var"
+    assert saved["configurations"]["3d_small"]["nnunet_gmd_width_factor"] == 1.0
+    gmd_report = json.loads((out / "reports" / "gmd_k5_ff" / "missing_modality_report.json").read_text())
     assert gmd_report["network"] == "dynamic sharing"
     split = json.loads((out / "nnUNet_preprocessed" / "Dataset990_Phantoms" / "splits_final.json").read_text())
     assert split == [{"train": ["Phantom_000", "Phantom_001"], "val": ["Phantom_002"]}]
     for name in ("demo_results.md", "demo_results.csv", "demo_results.png", "missing_modality_comparison.md",
                  "missing_modality_comparison.png", "reports/stock/missing_modality_report.png",
-                 "reports/gmd/missing_modality_report.png"):
+                 "reports/gmd_k5_ff/missing_modality_report.png"):
         assert (out / name).stat().st_size > 0, name
     assert "Mean Dice per method" in first.stdout and "| t1+t1ce+t2+flair |" in first.stdout
 

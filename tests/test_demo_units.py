@@ -47,9 +47,13 @@ def test_methods_are_validated():
                             "ds_ff_mv_w1", "ds_ff_w1", "gmd_k5_ff_mv_w1"}
     from nnunet_gmd.nnunet import baselines, trainers
 
-    from nnunet_gmd.demo.cli import METHOD_KEYS
+    from nnunet_gmd.demo.cli import BENCHMARK_METHODS, DEMO_METHODS, METHOD_KEYS
 
     assert METHOD_KEYS == tuple(METHODS)
+    # The defaults are the best measured network (feature fusion) against the fair AdamW baselines (runs 7-11).
+    assert [METHODS[k].trainer for k in DEMO_METHODS] == ["nnUNetTrainerBudget", "nnUNetTrainerGMD_k5_FF"]
+    assert [METHODS[k].trainer for k in BENCHMARK_METHODS] == [
+        "nnUNetTrainerBudget_AdamW", "nnUNetTrainerModalityDropout_AdamW", "nnUNetTrainerDS_FF", "nnUNetTrainerGMD_k5_FF"]
     for method in METHODS.values():  # every method names a trainer class that our nnUNet_extTrainer shim exports
         assert method.trainer in baselines.__all__ + trainers.__all__, method
 

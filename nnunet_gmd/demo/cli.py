@@ -14,8 +14,8 @@ METHOD_KEYS = ("stock", "stock_complete", "dropout", "stock_adamw", "dropout_ada
                "ds_w05", "gmd", "gmd_k5", "ds_ff", "ds_ff_mv", "ds_ff_mv_w1", "ds_ff_w1", "gmd_ff", "gmd_k5_ff",
                "gmd_k5_ff_mv_w1", "ds_lw", "gmd_lw", "gmd_amortized", "gmd_amortized_sub", "gmd_m1", "gmd_amortized_w1")
 
-DEMO_METHODS = ("stock", "gmd")
-BENCHMARK_METHODS = ("stock", "dropout", "ds", "gmd", "gmd_k5")
+DEMO_METHODS = ("stock", "gmd_k5_ff")
+BENCHMARK_METHODS = ("stock_adamw", "dropout_adamw", "ds_ff", "gmd_k5_ff")
 
 
 def _device(requested: str | None) -> str:
@@ -104,9 +104,9 @@ def _benchmark_stats(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 35 min on a 2-core CPU at full width)",
+        "demo", help="the whole pipeline on built-in BraTS-like phantoms (about 7 min on a 2-core CPU)",
         description="Generate BraTS-like brain phantoms, convert them to an nnU-Net dataset, plan and preprocess, "
-                    "train nnUNetTrainerGMD and stock nnU-Net under the same budget, evaluate both under all 15 "
+                    "train nnUNetTrainerGMD_k5_FF and stock nnU-Net under the same budget, evaluate both under all 15 "
                     "modality subsets and compare them (tables, heatmaps, plot). Finished steps are reused.")
     _add_common(p, "demo_output", DEMO_METHODS)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="run settings (default demo)")
@@ -121,11 +121,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.required = True
     b = bench.add_parser(
         "brats", help="train on one BraTS folder, test on another, all methods under all 15 subsets",
-        description="Train stock nnU-Net (zero-filled missing channels), nnU-Net with random modality dropout, "
-                    "DS, GMD and GMD k=5 on --train under one budget and evaluate each on --test under all 15 "
+        description="Train stock nnU-Net (zero-filled missing channels) and nnU-Net with random modality dropout "
+                    "(both under AdamW 1e-3, the fair baselines at a short budget), the feature-fusion DS network "
+                    "and GMD k=5 on it on --train under one budget and evaluate each on --test under all 15 "
                     "modality subsets (whole tumor, tumor core, enhancing tumor). Preset cpu: 3 mm, a narrow "
-                    "network, about 1 h for the five default methods on 8 + 4 cases on an idle 2-core CPU (exact GMD "
-                    "takes half of it); preset full: nnU-Net's default plans and 1000 epochs (GPU).")
+                    "network, about 70 min for the four default methods on 16 + 6 cases on a 2-core CPU (the two "
+                    "DS-FF trainers take five sixths of it); preset full: nnU-Net's default plans and 1000 epochs "
+                    "(GPU).")
     b.add_argument("--train", required=True, help="folder of BraTS case folders to train on")
     b.add_argument("--test", required=True, help="folder of BraTS case folders to test on (with _seg files)")
     b.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run settings (default cpu)")

@@ -1,7 +1,7 @@
-"""``nnunet-gmd demo``: the whole pipeline on built-in phantoms, no download; 35 min on 2 CPU cores at full width.
+"""``nnunet-gmd demo``: the whole pipeline on built-in phantoms, no download; about 7 min on 2 CPU cores.
 
 Steps: generate BraTS-like phantoms -> ``convert-brats`` -> nnU-Net planning/preprocessing (reduced plans) ->
-train GMD and stock nnU-Net under one budget -> evaluate both under all 15 subsets -> compare.
+train GMD k=5 (feature fusion) and stock nnU-Net under one budget -> evaluate both under all 15 subsets -> compare.
 Each finished step is reused when the command runs again; ``--fresh`` starts over.
 """
 from __future__ import annotations

@@ -75,8 +75,8 @@ _CPU = dict(plans_name="nnUNetPlans_cpu", configuration="3d_small", base_feature
             hd95=False, cpu_friendly=True)
 
 PRESETS: dict[str, Preset] = {
-    # The demo: phantoms at their native 1 mm, a narrow network, 384 steps per method: 34.7 min on a 2-core CPU at
-    # full width, exact GMD training 31 of them (5.7 min at half width on a faster day).
+    # The demo: phantoms at their native 1 mm, a narrow network, 384 steps per method: 6.9 min on a 2-core CPU with
+    # GMD k=5 on the feature-fusion network, its training 4.7 of them (exact logit GMD took 34.7 min on a slower day).
     "demo": Preset("demo", Budget(16, 24, 2), target_spacing_mm=1.0, gpu_memory_target_gb=1.0, **_CPU),
     # Tiny end-to-end check (CI): the pipeline runs, nothing is learned.
     "smoke": Preset("smoke", Budget(1, 2, 1), target_spacing_mm=3.0, gpu_memory_target_gb=0.15, **_CPU),
