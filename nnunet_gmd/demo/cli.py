@@ -125,9 +125,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(both under AdamW 1e-3, the fair baselines at a short budget), the feature-fusion DS network "
                     "and GMD k=5 on it on --train under one budget and evaluate each on --test under all 15 "
                     "modality subsets (whole tumor, tumor core, enhancing tumor). Preset cpu: 3 mm, a narrow "
-                    "network, about 70 min for the four default methods on 16 + 6 cases on a 2-core CPU (the two "
-                    "DS-FF trainers take five sixths of it); preset full: nnU-Net's default plans and 1000 epochs "
-                    "(GPU).")
+                    "network, about 70 min for the four default methods on 16 + 6 cases on a 2-core CPU (the sum "
+                    "of runs 10-11's step times; the two DS-FF trainers take three quarters of it); preset full: "
+                    "nnU-Net's default plans and 1000 epochs (GPU).")
     b.add_argument("--train", required=True, help="folder of BraTS case folders to train on")
     b.add_argument("--test", required=True, help="folder of BraTS case folders to test on (with _seg files)")
     b.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run settings (default cpu)")
