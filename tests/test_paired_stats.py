@@ -17,7 +17,8 @@ import pytest
 from nnunet_gmd.cli import main
 from nnunet_gmd.errors import UserError
 from nnunet_gmd.demo.paired import (Bootstrap, PairedDifferences, bootstrap_interval, load_methods,
-                                    seed_and_case_interval, seeds_of)
+                                    remove_stale_paired_differences, seed_and_case_interval, seeds_of,
+                                    write_paired_differences)
 from nnunet_gmd.demo.per_case import case_scores
 from nnunet_gmd.demo.workspace import reports_root
 from nnunet_gmd.subsets import all_subsets
@@ -297,3 +298,16 @@ def test_per_case_script_is_the_stats_command(tmp_path):
                            "--resamples", "100"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| GMD − DS | +0.100 |" in proc.stdout and (tmp_path / "o" / "paired_differences.md").is_file()
+
+
+def test_a_single_method_rerun_removes_the_earlier_paired_table(tmp_path):
+    # A reused run folder first compares two methods, then one: the old table must not sit beside the new results.
+    write_method(tmp_path, "ds", lambda c, s, r: 0.5)
+    write_method(tmp_path, "gmd", lambda c, s, r: 0.5 + _noise(c))
+    written = write_paired_differences(tmp_path, ["ds", "gmd"], {"ds": "DS", "gmd": "GMD"})
+    (tmp_path / "benchmark_results.md").write_text("this run's table")
+    assert sorted(written) == ["csv", "json", "md", "png"] and all(p.is_file() for p in written.values())
+    removed = remove_stale_paired_differences(tmp_path)
+    assert sorted(removed) == sorted(written.values())
+    assert not any(p.exists() for p in written.values()) and (tmp_path / "benchmark_results.md").is_file()
+    assert remove_stale_paired_differences(tmp_path) == []

@@ -391,6 +391,21 @@ class PairedDifferences:
         return paths
 
 
+PAIRED_EXTENSIONS = ("md", "csv", "json", "png")
+
+
+def remove_stale_paired_differences(run: Path) -> list[Path]:
+    """Delete ``run``'s paired-difference files and return them.
+
+    A run folder is reused across invocations; one that compares a single method writes no pairs, and an earlier
+    invocation's table left beside the new results would be read as this run's.
+    """
+    stale = [Path(run) / f"{STEM}.{ext}" for ext in PAIRED_EXTENSIONS if (Path(run) / f"{STEM}.{ext}").is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_paired_differences(run: Path, keys: Optional[Sequence[str]], labels: dict[str, str],
                              out_dir: Optional[Path] = None, n_seeds: Optional[int] = None,
                              boot: Bootstrap = Bootstrap()) -> dict[str, Path]:

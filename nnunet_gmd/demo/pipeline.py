@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from nnunet_gmd.atomic import write_json
 from nnunet_gmd.errors import UserError
-from nnunet_gmd.demo.paired import write_paired_differences
+from nnunet_gmd.demo.paired import remove_stale_paired_differences, write_paired_differences
 from nnunet_gmd.demo.planning import plans_summary
 from nnunet_gmd.demo.presets import Preset
 from nnunet_gmd.demo.results import Results
@@ -192,10 +192,12 @@ def write_results(ws: Workspace, methods: Sequence[Method], preset: Preset, data
                                           n_seeds=seeds)
         paths.update({f"paired_{ext}": path for ext, path in paired.items()})
         print(paired["md"].read_text())
+    elif remove_stale_paired_differences(ws.root):
+        print(f"- one method, so no paired differences; removed the earlier run's {ws.root}/paired_differences.*")
     this_run = time.monotonic() - started
     write_json(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
                                                   "step_seconds": seconds})
-    print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: {stem}.md/.csv/.json/.png, "
-          f"paired_differences.md/.csv/.json/.png, missing_modality_comparison.md/.png, reports/<method>/ "
-          f"(per-method heatmaps)")
+    paired_files = "paired_differences.md/.csv/.json/.png, " if len(methods) > 1 else ""
+    print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: {stem}.md/.csv/.json/.png, {paired_files}"
+          f"missing_modality_comparison.md/.png, reports/<method>/ (per-method heatmaps)")
     return paths
