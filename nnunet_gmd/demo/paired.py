@@ -38,6 +38,7 @@ from nnunet_gmd.atomic import save_figure, write_json, write_text  # noqa: E402
 from nnunet_gmd.report import REPORT_JSON  # noqa: E402
 
 STEM = "paired_differences"
+PAIRED_EXTENSIONS = ("md", "csv", "json", "png")   # the files PairedDifferences.write produces
 MEASURES = ("missing", "full")
 N_RESAMPLES = 10000
 CONFIDENCE = 0.95
@@ -383,15 +384,12 @@ class PairedDifferences:
         """Write ``stem``.md/.csv/.json/.png into ``out_dir`` (atomically) and return their paths."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
+        paths = {ext: out_dir / f"{stem}.{ext}" for ext in PAIRED_EXTENSIONS}
         write_text(paths["md"], self.to_markdown())
         write_text(paths["csv"], self.to_csv())
         write_json(paths["json"], self.to_json())
         self.plot(paths["png"])
         return paths
-
-
-PAIRED_EXTENSIONS = ("md", "csv", "json", "png")
 
 
 def remove_stale_paired_differences(run: Path) -> list[Path]:
