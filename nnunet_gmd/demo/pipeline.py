@@ -197,7 +197,7 @@ def write_results(ws: Workspace, methods: Sequence[Method], preset: Preset, data
     this_run = time.monotonic() - started
     write_json(ws.root / "timings.json", {"this_invocation_seconds": round(this_run, 1),
                                                   "step_seconds": seconds})
-    paired_files = "paired_differences.md/.csv/.json/.png, " if len(methods) > 1 else ""
+    paired_files = "paired_differences.md/.csv/.json/.png, " if "paired_md" in paths else ""
     print(f"this run: {this_run / 60:.1f} min; results in {ws.root}: {stem}.md/.csv/.json/.png, {paired_files}"
           f"missing_modality_comparison.md/.png, reports/<method>/ (per-method heatmaps)")
     return paths
