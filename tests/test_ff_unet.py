@@ -9,15 +9,20 @@ from nnunet_gmd.networks import DSFeatureFusionUNet
 
 
 def tiny_ff(dim: int = 3, fusion: str = "mean", deep_supervision: bool = False) -> DSFeatureFusionUNet:
+    """A tiny DS-FF network; attention scores are moved off their start (0, the plain mean) so they matter."""
     conv = nn.Conv3d if dim == 3 else nn.Conv2d
     norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
     torch.manual_seed(0)
-    return DSFeatureFusionUNet(4, 3, [4, 8, 16], conv, 3, [1, 2, 2], 2, 3, 1, conv_bias=True, norm_op=norm,
-                               norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                               nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision, fusion=fusion)
+    net = DSFeatureFusionUNet(4, 3, [4, 8, 16], conv, 3, [1, 2, 2], 2, 3, 1, conv_bias=True, norm_op=norm,
+                              norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                              nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision, fusion=fusion)
+    with torch.no_grad():
+        for score in net.fusion_scores:
+            score.weight.normal_(0.0, 1.0)
+    return net
 
 
-@pytest.mark.parametrize("fusion", ["mean", "mean_var"])
+@pytest.mark.parametrize("fusion", ["mean", "mean_var", "attention_var"])
 @pytest.mark.parametrize("dim", [2, 3])
 def test_missing_channel_values_cannot_change_the_output(dim, fusion):
     net = tiny_ff(dim, fusion).eval()
@@ -67,6 +72,37 @@ def test_mean_var_fusion_adds_the_variance_and_it_is_zero_for_one_branch():
     assert torch.equal(fused[1, 5:], torch.zeros(5, 4, 4, 4))
 
 
+def test_attention_fusion_is_a_softmax_over_the_available_branches_only():
+    """Per voxel and channel, weights exp(score) normalised over each sample's own rows; one branch: weight 1."""
+    net = tiny_ff(fusion="attention_var").eval()
+    rows = torch.randn(3, 5, 4, 4, 4)
+    scores = torch.randn(3, 5, 4, 4, 4)
+    fused = net._attention_fuse(rows, scores, torch.tensor([0, 0, 1]), 2)  # sample 0: two branches, sample 1: one
+    assert fused.shape == (2, 10, 4, 4, 4)
+    bounded = 4.0 * torch.tanh(scores[:2] / 4.0)
+    w = torch.softmax(bounded, 0)
+    mean = (w * rows[:2]).sum(0)
+    torch.testing.assert_close(fused[0, :5], mean)
+    torch.testing.assert_close(fused[0, 5:], (w * (rows[:2] - mean) ** 2).sum(0))
+    torch.testing.assert_close(fused[1, :5], rows[2])
+    torch.testing.assert_close(fused[1, 5:], torch.zeros(5, 4, 4, 4))
+
+
+def test_attention_fusion_starts_as_mean_var_and_adds_only_score_convolutions():
+    """Zero scores are the plain mean and variance: a fresh attention network equals mean_var on its weights."""
+    torch.manual_seed(0)
+    attention = DSFeatureFusionUNet(4, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 2, 3, 1, conv_bias=True,
+                                    norm_op=nn.InstanceNorm3d, nonlin=nn.LeakyReLU, fusion="attention_var").eval()
+    mean_var = tiny_ff(fusion="mean_var").eval()
+    extra = {k: v for k, v in attention.state_dict().items() if k.startswith("fusion_scores.")}
+    assert sorted(extra) == [f"fusion_scores.{i}.{p}" for i in range(3) for p in ("bias", "weight")]
+    assert all(o is None for n, o in attention.modality_of_parameters().items() if n.startswith("fusion_scores."))
+    mean_var.load_state_dict({k: v for k, v in attention.state_dict().items() if k not in extra}, strict=True)
+    x = torch.randn(2, 4, 16, 16, 16)
+    for mask in [torch.tensor([True, True, True, True]), torch.tensor([False, True, False, True])]:
+        torch.testing.assert_close(attention(x, mask), mean_var(x, mask), rtol=1e-5, atol=1e-6)
+
+
 def test_per_sample_mask_equals_separate_calls():
     net = tiny_ff().eval()
     x = torch.randn(2, 4, 16, 16, 16)
@@ -96,7 +132,7 @@ def test_same_modules_with_and_without_deep_supervision():
     tiny_ff(deep_supervision=False).load_state_dict(net.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("fusion", ["mean", "mean_var"])
+@pytest.mark.parametrize("fusion", ["mean", "mean_var", "attention_var"])
 def test_scripted_export_keeps_the_mask_a_runtime_input(fusion):
     net = tiny_ff(fusion=fusion).eval()
     buffer = io.BytesIO()

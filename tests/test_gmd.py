@@ -112,7 +112,8 @@ def test_coefficients_match_torchjd_pcgrad_weighting():
 
 # ---------------------------------------------------------------------------- DS network against the oracle
 def tiny_ds(deep_supervision: bool = True, fusion: str = "logits") -> nn.Module:
-    """A tiny DS network: logit fusion (DSUNet; "learned": learned fusion weights) or feature fusion ("mean", "mean_var")."""
+    """A tiny DS network: logit fusion (DSUNet; "learned": learned fusion weights) or feature fusion ("mean",
+    "mean_var", "attention_var")."""
     torch.manual_seed(0)
     if fusion in ("logits", "learned"):
         net = DSUNet(4, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 1, 3, 1, conv_bias=True, norm_op=nn.InstanceNorm2d,
@@ -122,9 +123,13 @@ def tiny_ds(deep_supervision: bool = True, fusion: str = "logits") -> nn.Module:
             for f in net.fusion_weights:
                 f.weight.normal_(0.0, 1.0)
         return net
-    return DSFeatureFusionUNet(4, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 1, 3, 1, conv_bias=True,
-                               norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, deep_supervision=deep_supervision,
-                               fusion=fusion).double()
+    net = DSFeatureFusionUNet(4, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 1, 3, 1, conv_bias=True,
+                              norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, deep_supervision=deep_supervision,
+                              fusion=fusion).double()
+    with torch.no_grad():   # attention scores away from their start (the plain mean and variance)
+        for score in net.fusion_scores:
+            score.weight.normal_(0.0, 1.0)
+    return net
 
 
 def conflicting_subset_loss(seed: int = 0):
@@ -149,7 +154,8 @@ def conflicting_subset_loss(seed: int = 0):
 
 
 @pytest.mark.parametrize("reduction,fusion", [("mean", "logits"), ("sum", "logits"), ("mean", "mean"),
-                                              ("sum", "mean"), ("mean", "mean_var"), ("mean", "learned"),
+                                              ("sum", "mean"), ("mean", "mean_var"), ("mean", "attention_var"),
+                                              ("mean", "learned"),
                                               ("sum", "learned")])
 def test_structured_path_matches_reference(reduction, fusion):
     net = tiny_ds(fusion=fusion)
@@ -193,7 +199,7 @@ def test_modality_affines_follow_the_subsets_that_reach_them(fusion):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("fusion", ["logits", "mean", "mean_var", "learned"])
+@pytest.mark.parametrize("fusion", ["logits", "mean", "mean_var", "attention_var", "learned"])
 def test_ds_subset_losses_equal_masked_forwards(fusion):
     net = tiny_ds(fusion=fusion)
     x = torch.randn(2, 4, 16, 16, dtype=torch.float64)

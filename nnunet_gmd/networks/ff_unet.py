@@ -12,6 +12,11 @@ Fusion operators (``fusion``):
 * ``"mean"``: the mean of the available branches' features.
 * ``"mean_var"``: HeMIS' mean and variance, concatenated (the variance of a single branch is 0); the decoder's
   skip inputs are then twice as wide.
+* ``"attention_var"``: as ``"mean_var"``, but the mean and the variance are weighted per voxel and channel by a
+  softmax over the *available* branches of scores from a shared 1x1 convolution on each branch's features. With
+  every sequence present a plain mean dilutes the one sequence that shows a structure (T1ce for enhancing
+  tumour) with three that do not; learned weights can lean on it, and a missing branch has no score, so the
+  softmax runs over what is there. The scores start at 0, which is exactly ``"mean_var"``.
 """
 from typing import List, Optional, Sequence, Type, Union
 
@@ -20,7 +25,11 @@ from torch import Tensor, nn
 
 from nnunet_gmd.networks.ds_unet import DSLayout, DSNetworkBase, _init_he
 
-FUSIONS = ("mean", "mean_var")
+FUSIONS = ("mean", "mean_var", "attention_var")
+VARIANCE_FUSIONS = ("mean_var", "attention_var")
+# Scores are squashed into (-SCORE_BOUND, SCORE_BOUND) so that exp() neither overflows nor underflows in float16
+# and the softmax needs no per-sample maximum: weights stay within a factor exp(2 * SCORE_BOUND) of each other.
+SCORE_BOUND = 4.0
 
 
 class DSFeatureFusionUNet(DSNetworkBase):
@@ -48,9 +57,17 @@ class DSFeatureFusionUNet(DSNetworkBase):
         common = (conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs)
         self.encoder = layout.encoder(**layout.block_kwargs(num_modalities, *common))
         # One "modality" in the decoder: its ModalityNorms are then plain norms with one affine.
-        self.decoder = layout.decoder(num_classes, deep_supervision, skip_factor=2 if fusion == "mean_var" else 1,
+        self.decoder = layout.decoder(num_classes, deep_supervision,
+                                      skip_factor=2 if fusion in VARIANCE_FUSIONS else 1,
                                       **layout.block_kwargs(1, *common))
+        # One score convolution per skip level, shared by every branch (the branches' own norm affines tell the
+        # sequences apart); empty for the unweighted fusions, so their state dicts are unchanged.
+        self.fusion_scores = nn.ModuleList(
+            [conv_op(c, c, kernel_size=1, bias=True) for c in layout.features] if fusion == "attention_var" else [])
         self.apply(_init_he)
+        for score in self.fusion_scores:
+            nn.init.zeros_(score.weight)
+            nn.init.zeros_(score.bias)
 
     def _fuse_features(self, rows: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
         mean = self._fuse(rows, sample_idx, batch)
@@ -59,14 +76,36 @@ class DSFeatureFusionUNet(DSNetworkBase):
             return torch.cat((mean, var), 1)
         return mean
 
+    @staticmethod
+    def _attention_fuse(rows: Tensor, scores: Tensor, sample_idx: Tensor, batch: int,
+                        bound: float = SCORE_BOUND) -> Tensor:
+        """Softmax-weighted mean and variance over each sample's rows (``scores`` as ``rows``)."""
+        shape = [batch] + list(rows.shape[1:])
+        e = torch.exp(bound * torch.tanh(scores / bound))
+        norm = torch.zeros(shape, dtype=e.dtype, device=e.device).index_add_(0, sample_idx, e)
+        weights = e / norm.index_select(0, sample_idx)
+        mean = torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_add_(0, sample_idx, weights * rows)
+        centred = rows - mean.index_select(0, sample_idx)
+        var = torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_add_(0, sample_idx,
+                                                                                  weights * centred * centred)
+        return torch.cat((mean, var), 1)
+
+    def _fuse_skips(self, skip_rows: List[Tensor], sample_idx: Tensor, batch: int) -> List[Tensor]:
+        """Each skip level's rows (every available branch of every sample) fused into one per sample."""
+        if len(self.fusion_scores) == 0:
+            return [self._fuse_features(s, sample_idx, batch) for s in skip_rows]
+        fused: List[Tensor] = []
+        for level, score in enumerate(self.fusion_scores):
+            fused.append(self._attention_fuse(skip_rows[level], score(skip_rows[level]), sample_idx, batch))
+        return fused
+
     def _decode(self, fused_skips: List[Tensor]) -> List[Tensor]:
         return self.decoder(fused_skips, [fused_skips[0].shape[0]])
 
     def forward(self, x: Tensor, available: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
         rows, sample_idx, counts = self.fold(x, available)
         b = x.shape[0]
-        skips = [self._fuse_features(s, sample_idx, b) for s in self.encoder(rows, counts)]
-        outputs = self._decode(skips)
+        outputs = self._decode(self._fuse_skips(self.encoder(rows, counts), sample_idx, b))
         if self.decoder.deep_supervision:
             return outputs
         return outputs[0]
@@ -82,11 +121,9 @@ class DSFeatureFusionUNet(DSNetworkBase):
         b = branch_features[0][0].shape[0]
         n = len(subset)
         sample_idx = torch.arange(b, device=branch_features[0][0].device).repeat(n)
-        skips = []
-        for s in range(len(branch_features[0])):
-            rows = torch.cat([branch_features[m][s] for m in subset]) if n > 1 else branch_features[subset[0]][s]
-            skips.append(self._fuse_features(rows, sample_idx, b))
-        return self._decode(skips)
+        skip_rows = [torch.cat([branch_features[m][s] for m in subset]) if n > 1 else branch_features[subset[0]][s]
+                     for s in range(len(branch_features[0]))]
+        return self._decode(self._fuse_skips(skip_rows, sample_idx, b))
 
 
 __all__ = ["DSFeatureFusionUNet", "FUSIONS"]

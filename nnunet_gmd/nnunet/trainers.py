@@ -13,6 +13,7 @@
   HeMIS' mean-and-variance feature fusion). ``nnUNetTrainerDS_W1`` is the default width under its study name;
   ``nnUNetTrainerDS_FF_MV_W1`` and ``nnUNetTrainerDS_FF_W1`` are the two feature fusions at full width, and
   ``nnUNetTrainerGMD_k5_FF_MV_W1`` is GMD (k=5) on the first, the best DS network so far.
+  ``nnUNetTrainerDS_FF_ATT`` weights the feature fusion by availability-masked attention (``"attention_var"``).
 * ``nnUNetTrainerGMD_amortized`` (``_sub``, ``_m1``, ``_W1``): cheaper GMD (:mod:`nnunet_gmd.gmd_fast`), at the end
   of this file.
 * ``<Trainer>_smoke``: two tiny epochs at half width, for tests and first contact (``_W1_smoke`` keeps full width).
@@ -415,6 +416,16 @@ class nnUNetTrainerDS_FF_MV_W1(nnUNetTrainerDS_FF_MV):
     width_factor = 1.0
 
 
+class nnUNetTrainerDS_FF_ATT(nnUNetTrainerDS_FF):
+    """DS-FF with availability-masked attention fusion (``"attention_var"``): the mean and variance at every skip
+    weighted per voxel and channel by a softmax, over the available branches, of a shared 1x1 convolution's
+    scores. The study of the full-set gap (TC and ET trail stock): a plain mean gives T1ce a quarter of the vote
+    with all four present. The scores start at 0, so it starts as ``nnUNetTrainerDS_FF``."""
+
+    fusion = "attention_var"
+    legacy_fusion = "attention_var"
+
+
 class nnUNetTrainerGMD_k5_FF_MV_W1(nnUNetTrainerGMD_k5_FF):
     """GMD over 5 sampled subsets (the full set always among them) on ``nnUNetTrainerDS_FF_MV_W1``'s network:
     the same subsets per step, losses and optimiser, so the two differ only in how the subset gradients merge.
@@ -465,6 +476,10 @@ class nnUNetTrainerGMD_k5_FF_MV_W1_smoke(Smoke, nnUNetTrainerGMD_k5_FF_MV_W1):
     width_factor = 1.0  # the name pins the width
 
 
+class nnUNetTrainerDS_FF_ATT_smoke(Smoke, nnUNetTrainerDS_FF_ATT):
+    pass
+
+
 class nnUNetTrainerDS_LW_smoke(Smoke, nnUNetTrainerDS_LW):
     pass
 
@@ -505,7 +520,8 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerDS_FF_MV_smoke", "nnUNetTrainerDS_W1", "nnUNetTrainerDS_W1_smoke",
            "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke", "nnUNetTrainerDS_FF_MV_W1",
            "nnUNetTrainerDS_FF_MV_W1_smoke", "nnUNetTrainerGMD_k5_FF_MV_W1",
-           "nnUNetTrainerGMD_k5_FF_MV_W1_smoke", "nnUNetTrainerDS_FF_W1", "nnUNetTrainerDS_FF_W1_smoke"]
+           "nnUNetTrainerGMD_k5_FF_MV_W1_smoke", "nnUNetTrainerDS_FF_W1", "nnUNetTrainerDS_FF_W1_smoke",
+           "nnUNetTrainerDS_FF_ATT", "nnUNetTrainerDS_FF_ATT_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
