@@ -103,7 +103,7 @@ def ds_unet_spec_from_plans(arch_class_name: str, arch_kwargs: dict, num_input_c
 
     ``fusion`` is ``"logits"`` (:class:`DSUNet`, plain mean), ``"learned_logits"`` (:class:`DSUNet` with
     learned fusion weights per modality and output channel) or a feature-fusion operator of
-    :class:`DSFeatureFusionUNet` (``"mean"``, ``"mean_var"``).
+    :class:`DSFeatureFusionUNet` (``"mean"``, ``"mean_var"``, ``"attention_var"``).
 
     Plain U-Net plans map one to one. Residual-encoder plans (``n_blocks_per_stage``) get that many plain
     convolutions per stage instead of residual blocks, since the DS network's blocks are plain convs.
