@@ -44,7 +44,7 @@ def test_methods_are_validated():
     assert set(METHODS) == {"stock", "stock_complete", "dropout", "stock_adamw", "dropout_adamw", "ds", "ds_sgd", "ds_w1",
                             "gmd", "gmd_k5", "ds_ff", "ds_ff_mv", "gmd_ff", "gmd_k5_ff", "ds_lw", "gmd_lw",
                             "gmd_amortized", "gmd_amortized_sub", "gmd_m1", "gmd_amortized_w1", "ds_w05",
-                            "ds_ff_mv_w1", "ds_ff_w1", "gmd_k5_ff_mv_w1"}
+                            "ds_ff_mv_w1", "ds_ff_w1", "gmd_k5_ff_mv_w1", "ds_ff_att"}
     from nnunet_gmd.nnunet import baselines, trainers
 
     from nnunet_gmd.demo.cli import BENCHMARK_METHODS, DEMO_METHODS, METHOD_KEYS
@@ -52,6 +52,9 @@ def test_methods_are_validated():
     assert METHOD_KEYS == tuple(METHODS)
     # The defaults are the best measured network (feature fusion) against the fair AdamW baselines (runs 7-11).
     assert [METHODS[k].trainer for k in DEMO_METHODS] == ["nnUNetTrainerBudget", "nnUNetTrainerGMD_k5_FF"]
+    # predict / evaluate / export-bundle default to the trainer the demo and the README's quick start train
+    from nnunet_gmd.nnunet.cli import DEFAULT_TRAINER
+    assert DEFAULT_TRAINER == METHODS[DEMO_METHODS[1]].trainer
     assert [METHODS[k].trainer for k in BENCHMARK_METHODS] == [
         "nnUNetTrainerBudget_AdamW", "nnUNetTrainerModalityDropout_AdamW", "nnUNetTrainerDS_FF", "nnUNetTrainerGMD_k5_FF"]
     for method in METHODS.values():  # every method names a trainer class that our nnUNet_extTrainer shim exports
