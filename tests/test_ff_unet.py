@@ -145,3 +145,16 @@ def test_scripted_export_keeps_the_mask_a_runtime_input(fusion):
         torch.testing.assert_close(exported(x, mask), net(x, mask))
     assert not torch.allclose(exported(x, torch.tensor([True, False, False, False])),
                               exported(x, torch.tensor([False, True, False, False])))
+
+
+@pytest.mark.parametrize("fusion", ["mean_var", "attention_var"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fusion_runs_under_autocast(fusion, dtype):
+    """Mixed precision (the CUDA AMP path, here CPU autocast): index_add_ needs matching dtypes at every skip."""
+    net = tiny_ff(fusion=fusion)
+    x = torch.randn(2, 4, 16, 16, 16)
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+    out.float().sum().backward()
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.fusion_scores.parameters())
