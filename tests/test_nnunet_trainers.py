@@ -273,7 +273,8 @@ def test_feature_fusion_network_is_built_from_the_plans_and_loads_strictly(nnune
 
 
 @pytest.mark.parametrize("name, fusion", [("nnUNetTrainerGMD_FF", "mean_var"), ("nnUNetTrainerDS_FF", "mean_var"),
-                                          ("nnUNetTrainerDS_FF_W1", "mean"), ("nnUNetTrainerDS_FF_ATT", "attention_var")])
+                                          ("nnUNetTrainerDS_FF_W1", "mean"),
+                                          ("nnUNetTrainerDS_FF_ATT", "attention_var")])
 def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, name, fusion):
     trainer = make_trainer(nnunet_paths, name)
     assert isinstance(trainer.network, DSFeatureFusionUNet)

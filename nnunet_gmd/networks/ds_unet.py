@@ -24,6 +24,13 @@ from nnunet_gmd.networks.modality import expand_availability, modality_owners
 _TRANSPOSED = {nn.Conv1d: nn.ConvTranspose1d, nn.Conv2d: nn.ConvTranspose2d, nn.Conv3d: nn.ConvTranspose3d}
 
 
+def segment_sum(values: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
+    """Per sample, the sum of the rows that belong to it (``sample_idx[r]`` is row ``r``'s sample): how every DS
+    network fuses its available branches, whatever the weights."""
+    shape = [batch] + list(values.shape[1:])
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, sample_idx, values)
+
+
 def _as_list(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
@@ -255,10 +262,8 @@ class DSNetworkBase(nn.Module):
     @staticmethod
     def _fuse(values: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
         """Per-sample mean of the rows that belong to it."""
-        shape = [batch] + list(values.shape[1:])
-        total = torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, sample_idx, values)
         n = torch.bincount(sample_idx, minlength=batch).to(values.dtype)
-        return total / n.view([batch] + [1] * (values.dim() - 1))
+        return segment_sum(values, sample_idx, batch) / n.view([batch] + [1] * (values.dim() - 1))
 
     def _check_channels(self, x: Tensor) -> None:
         if x.shape[1] != self.num_modalities:
@@ -363,11 +368,8 @@ class DSUNet(DSNetworkBase):
     def _weighted_fuse(values: Tensor, row_weights: Tensor, sample_idx: Tensor, batch: int) -> Tensor:
         """Per sample and channel, the rows' values weighted by ``row_weights`` and normalised over its rows."""
         view = list(row_weights.shape) + [1] * (values.dim() - 2)
-        shape = [batch] + list(values.shape[1:])
-        total = torch.zeros(shape, dtype=values.dtype, device=values.device)
-        total = total.index_add_(0, sample_idx, values * row_weights.view(view))
-        norm = torch.zeros(batch, row_weights.shape[1], dtype=values.dtype, device=values.device)
-        norm = norm.index_add_(0, sample_idx, row_weights)
+        total = segment_sum(values * row_weights.view(view), sample_idx, batch)
+        norm = segment_sum(row_weights.to(values.dtype), sample_idx, batch)
         return total / norm.view([batch] + view[1:])
 
     def _fuse_outputs(self, outputs: List[Tensor], sample_idx: Tensor, counts: List[int],

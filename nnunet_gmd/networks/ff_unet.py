@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
-from nnunet_gmd.networks.ds_unet import DSLayout, DSNetworkBase, _init_he
+from nnunet_gmd.networks.ds_unet import DSLayout, DSNetworkBase, _init_he, segment_sum
 
 FUSIONS = ("mean", "mean_var", "attention_var")
 VARIANCE_FUSIONS = ("mean_var", "attention_var")
@@ -80,15 +80,11 @@ class DSFeatureFusionUNet(DSNetworkBase):
     def _attention_fuse(rows: Tensor, scores: Tensor, sample_idx: Tensor, batch: int,
                         bound: float = SCORE_BOUND) -> Tensor:
         """Softmax-weighted mean and variance over each sample's rows (``scores`` as ``rows``)."""
-        shape = [batch] + list(rows.shape[1:])
         e = torch.exp(bound * torch.tanh(scores / bound))
-        norm = torch.zeros(shape, dtype=e.dtype, device=e.device).index_add_(0, sample_idx, e)
-        weights = e / norm.index_select(0, sample_idx)
-        mean = torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_add_(0, sample_idx, weights * rows)
+        weights = e / segment_sum(e, sample_idx, batch).index_select(0, sample_idx)
+        mean = segment_sum(weights * rows, sample_idx, batch)
         centred = rows - mean.index_select(0, sample_idx)
-        var = torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_add_(0, sample_idx,
-                                                                                  weights * centred * centred)
-        return torch.cat((mean, var), 1)
+        return torch.cat((mean, segment_sum(weights * centred * centred, sample_idx, batch)), 1)
 
     def _fuse_skips(self, skip_rows: List[Tensor], sample_idx: Tensor, batch: int) -> List[Tensor]:
         """Each skip level's rows (every available branch of every sample) fused into one per sample."""
