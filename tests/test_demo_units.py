@@ -44,7 +44,8 @@ def test_methods_are_validated():
     assert set(METHODS) == {"stock", "stock_complete", "dropout", "stock_adamw", "dropout_adamw", "ds", "ds_sgd", "ds_w1",
                             "gmd", "gmd_k5", "ds_ff", "ds_ff_mv", "gmd_ff", "gmd_k5_ff", "ds_lw", "gmd_lw",
                             "gmd_amortized", "gmd_amortized_sub", "gmd_m1", "gmd_amortized_w1", "ds_w05",
-                            "ds_ff_mv_w1", "ds_ff_w1", "gmd_k5_ff_mv_w1", "ds_ff_att"}
+                            "ds_ff_mv_w1", "ds_ff_w1", "gmd_k5_ff_mv_w1", "ds_ff_att",
+                            "ds_ff_kd", "ds_ff_att_kd"}
     from nnunet_gmd.nnunet import baselines, trainers
 
     from nnunet_gmd.demo.cli import BENCHMARK_METHODS, DEMO_METHODS, METHOD_KEYS

@@ -293,6 +293,42 @@ def test_feature_fusion_train_step_optimises_the_mean_subset_loss(nnunet_paths, 
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+@pytest.mark.parametrize("name", ["nnUNetTrainerDS_FF_KD", "nnUNetTrainerDS_FF_ATT_KD"])
+def test_self_distillation_step_adds_the_soft_target_loss_towards_the_detached_full_set(nnunet_paths, name):
+    from nnunet_gmd.distillation import soft_target_loss
+
+    trainer = make_trainer(nnunet_paths, name)
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.0)  # keep weights for the check
+    batch = random_batch(trainer, seed=3)
+    net = trainer.network
+    state = trainer.subset_sampler.state_dict()
+    subsets = trainer._step_subsets(None)
+    trainer.subset_sampler.load_state_dict(state)
+    full = (0, 1, 2, 3)
+    assert subsets[0] == full and len(subsets) == 5   # the teacher is decoded first
+    out = trainer.train_step(batch)
+    got = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+    net.zero_grad(set_to_none=True)
+    outputs = {s: net(batch["data"], subset_mask(s, 4)) for s in subsets}
+    teacher = outputs[full][0].detach()
+    losses = [trainer.loss(outputs[s], batch["target"])
+              + (0.0 if s == full else 0.5 * soft_target_loss(outputs[s][0], teacher, regions=True))
+              for s in subsets]
+    total = torch.stack(losses).mean()
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-5)
+    plain = np.mean([float(trainer.loss(outputs[s], batch["target"])) for s in subsets])
+    assert float(out["loss"]) > plain + 1e-3   # the term is really there
+    total.backward()
+    want = [p.grad for p in net.parameters()]
+    scale = min(1.0, 12 / float(torch.sqrt(sum((g ** 2).sum() for g in want if g is not None))))
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w * scale, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["nnUNetTrainerBudget", "nnUNetTrainerGMD"])
 def test_checkpoint_latest_every_epoch_written_atomically(nnunet_paths, tmp_path, name):
     trainer = make_trainer(nnunet_paths, name)

@@ -11,9 +11,9 @@ from nnunet_gmd.demo.presets import PRESETS
 
 # The keys of nnunet_gmd.demo.pipeline.METHODS, spelled out so that --help needs no heavy import (a test checks).
 METHOD_KEYS = ("stock", "stock_complete", "dropout", "stock_adamw", "dropout_adamw", "ds", "ds_sgd", "ds_w1",
-               "ds_w05", "gmd", "gmd_k5", "ds_ff", "ds_ff_mv", "ds_ff_mv_w1", "ds_ff_w1", "ds_ff_att", "gmd_ff",
-               "gmd_k5_ff", "gmd_k5_ff_mv_w1", "ds_lw", "gmd_lw", "gmd_amortized", "gmd_amortized_sub", "gmd_m1",
-               "gmd_amortized_w1")
+               "ds_w05", "gmd", "gmd_k5", "ds_ff", "ds_ff_mv", "ds_ff_mv_w1", "ds_ff_w1", "ds_ff_att", "ds_ff_kd",
+               "ds_ff_att_kd", "gmd_ff", "gmd_k5_ff", "gmd_k5_ff_mv_w1", "ds_lw", "gmd_lw", "gmd_amortized",
+               "gmd_amortized_sub", "gmd_m1", "gmd_amortized_w1")
 
 DEMO_METHODS = ("stock", "gmd_k5_ff")
 BENCHMARK_METHODS = ("stock_adamw", "dropout_adamw", "ds_ff", "gmd_k5_ff")

@@ -52,6 +52,8 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("ds_ff_mv_w1", "nnUNetTrainerDS_FF_MV_W1", "DS-FF mean+var width 1.0"),
     Method("ds_ff_w1", "nnUNetTrainerDS_FF_W1", "DS-FF width 1.0"),
     Method("ds_ff_att", "nnUNetTrainerDS_FF_ATT", "DS-FF attention fusion"),
+    Method("ds_ff_kd", "nnUNetTrainerDS_FF_KD", "DS-FF self-distillation"),
+    Method("ds_ff_att_kd", "nnUNetTrainerDS_FF_ATT_KD", "DS-FF attention + self-distillation"),
     Method("gmd_ff", "nnUNetTrainerGMD_FF", "GMD-FF"),
     Method("gmd_k5_ff", "nnUNetTrainerGMD_k5_FF", "GMD-FF k=5"),
     Method("gmd_k5_ff_mv_w1", "nnUNetTrainerGMD_k5_FF_MV_W1", "GMD-FF mean+var k=5 width 1.0"),

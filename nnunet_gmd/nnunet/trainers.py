@@ -42,6 +42,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_gmd.availability import samples_supplying, select_samples, supported_subsets
+from nnunet_gmd.distillation import soft_target_loss
 from nnunet_gmd.gmd import GMDStats, ds_gmd_backward
 from nnunet_gmd.gmd_fast import DEFAULT_INTERVAL, AmortizedGMD, ds_mean_backward, unimodal_and_full
 from nnunet_gmd.networks import DSNetworkBase, only_available, unwrap
@@ -430,6 +431,50 @@ class nnUNetTrainerDS_FF_ATT(nnUNetTrainerDS_FF):
     legacy_fusion = "attention_var"
 
 
+class SelfDistillationMixin:
+    """First among the bases of a DS trainer: each subset's loss adds ``distill_weight`` times a soft-target loss
+    towards the full set's own detached prediction (:mod:`nnunet_gmd.distillation`), at full resolution.
+
+    Why: target 2 of issue 10 needs gains with one and two sequences, which the ground truth alone teaches from
+    labels those subsets often cannot see. The full set is decoded first in each step (it is in every draw of
+    the FF trainers), so the teacher costs nothing extra; the teacher is detached, so the full set's own gradient
+    is unchanged. A batch with incomplete cases trains without the term (the teacher would cover other samples).
+    The logged training loss includes the term. The weight 0.5 was fixed before any run, not tuned.
+    """
+
+    distill_weight: float = 0.5
+
+    def _step_subsets(self, mask: Optional[torch.Tensor]) -> list:
+        full = tuple(range(self.num_input_channels))
+        subsets = super()._step_subsets(mask)
+        return [s for s in subsets if s == full] + [s for s in subsets if s != full]
+
+    def _subset_loss(self, target, mask: Optional[torch.Tensor], scaler=None):
+        ground_truth = super()._subset_loss(target, mask, None)
+        full = tuple(range(self.num_input_channels))
+        regions = self.label_manager.has_regions
+        teacher: dict[str, torch.Tensor] = {}
+
+        def subset_loss(output, subset):
+            loss = ground_truth(output, subset)
+            logits = output[0] if isinstance(output, (list, tuple)) else output
+            if subset == full:
+                teacher["logits"] = logits.detach()
+            elif mask is None and "logits" in teacher:
+                loss = loss + self.distill_weight * soft_target_loss(logits, teacher["logits"], regions=regions)
+            return scaler.scale(loss) if scaler is not None else loss
+        return subset_loss
+
+
+class nnUNetTrainerDS_FF_KD(SelfDistillationMixin, nnUNetTrainerDS_FF):
+    """DS-FF with self-distillation from the full set to the other four subsets of each step."""
+
+
+class nnUNetTrainerDS_FF_ATT_KD(SelfDistillationMixin, nnUNetTrainerDS_FF_ATT):
+    """DS-FF attention fusion with self-distillation: attention lifted the full set and lost with one sequence
+    (run 13); the distillation term is meant to hold the small subsets up."""
+
+
 class nnUNetTrainerGMD_k5_FF_MV_W1(nnUNetTrainerGMD_k5_FF):
     """GMD over 5 sampled subsets (the full set always among them) on ``nnUNetTrainerDS_FF_MV_W1``'s network:
     the same subsets per step, losses and optimiser, so the two differ only in how the subset gradients merge.
@@ -484,6 +529,14 @@ class nnUNetTrainerDS_FF_ATT_smoke(Smoke, nnUNetTrainerDS_FF_ATT):
     pass
 
 
+class nnUNetTrainerDS_FF_KD_smoke(Smoke, nnUNetTrainerDS_FF_KD):
+    pass
+
+
+class nnUNetTrainerDS_FF_ATT_KD_smoke(Smoke, nnUNetTrainerDS_FF_ATT_KD):
+    pass
+
+
 class nnUNetTrainerDS_LW_smoke(Smoke, nnUNetTrainerDS_LW):
     pass
 
@@ -525,7 +578,8 @@ __all__ = ["nnUNetTrainerDS", "nnUNetTrainerGMD", "nnUNetTrainerGMD_k5", "nnUNet
            "nnUNetTrainerDS_W05", "nnUNetTrainerDS_W05_smoke", "nnUNetTrainerDS_FF_MV_W1",
            "nnUNetTrainerDS_FF_MV_W1_smoke", "nnUNetTrainerGMD_k5_FF_MV_W1",
            "nnUNetTrainerGMD_k5_FF_MV_W1_smoke", "nnUNetTrainerDS_FF_W1", "nnUNetTrainerDS_FF_W1_smoke",
-           "nnUNetTrainerDS_FF_ATT", "nnUNetTrainerDS_FF_ATT_smoke"]
+           "nnUNetTrainerDS_FF_ATT", "nnUNetTrainerDS_FF_ATT_smoke", "nnUNetTrainerDS_FF_KD",
+           "nnUNetTrainerDS_FF_KD_smoke", "nnUNetTrainerDS_FF_ATT_KD", "nnUNetTrainerDS_FF_ATT_KD_smoke"]
 
 
 # ---------------------------------------------------------------------------- cheap GMD (nnunet_gmd.gmd_fast)
