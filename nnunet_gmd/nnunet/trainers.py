@@ -467,12 +467,18 @@ class SelfDistillationMixin:
 
 
 class nnUNetTrainerDS_FF_KD(SelfDistillationMixin, nnUNetTrainerDS_FF):
-    """DS-FF with self-distillation from the full set to the other four subsets of each step."""
+    """DS-FF with self-distillation from the full set to the other four subsets of each step.
+
+    A study, not a default: on the validation fold (issue 10, run 14) it was level with DS-FF with a sequence
+    missing (+0.002; one sequence +0.014) and lost ET on the full set (-0.013 overall), at the same step cost."""
 
 
 class nnUNetTrainerDS_FF_ATT_KD(SelfDistillationMixin, nnUNetTrainerDS_FF_ATT):
     """DS-FF attention fusion with self-distillation: attention lifted the full set and lost with one sequence
-    (run 13); the distillation term is meant to hold the small subsets up."""
+    (run 13); the distillation term was meant to hold the small subsets up.
+
+    A study, not a default: on the validation fold (run 14) it trailed DS-FF both ways (-0.022 missing, -0.029
+    full) and lost attention's full-set gain."""
 
 
 class nnUNetTrainerGMD_k5_FF_MV_W1(nnUNetTrainerGMD_k5_FF):
