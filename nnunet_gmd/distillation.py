@@ -30,7 +30,6 @@ def soft_target_loss(student: Tensor, teacher: Tensor, *, regions: bool) -> Tens
     teacher = teacher.detach()
     if regions:
         return F.binary_cross_entropy_with_logits(student.float(), torch.sigmoid(teacher.float()))
-    log_p_student = F.log_softmax(student.float(), dim=1)
-    log_p_teacher = F.log_softmax(teacher.float(), dim=1)
-    per_voxel = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)
-    return per_voxel.mean()
+    kl = F.kl_div(F.log_softmax(student.float(), dim=1), F.log_softmax(teacher.float(), dim=1),
+                  reduction="none", log_target=True)
+    return kl.sum(1).mean()

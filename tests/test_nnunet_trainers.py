@@ -306,6 +306,7 @@ def test_self_distillation_step_adds_the_soft_target_loss_towards_the_detached_f
     trainer.subset_sampler.load_state_dict(state)
     full = (0, 1, 2, 3)
     assert subsets[0] == full and len(subsets) == 5   # the teacher is decoded first
+    assert trainer.label_manager.has_regions and trainer.distill_weight == 0.5
     out = trainer.train_step(batch)
     got = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
 

@@ -445,13 +445,13 @@ class SelfDistillationMixin:
     distill_weight: float = 0.5
 
     def _step_subsets(self, mask: Optional[torch.Tensor]) -> list:
-        full = tuple(range(self.num_input_channels))
+        full = self.subset_sampler.subsets[-1]
         subsets = super()._step_subsets(mask)
         return [s for s in subsets if s == full] + [s for s in subsets if s != full]
 
     def _subset_loss(self, target, mask: Optional[torch.Tensor], scaler=None):
         ground_truth = super()._subset_loss(target, mask, None)
-        full = tuple(range(self.num_input_channels))
+        full = self.subset_sampler.subsets[-1]
         regions = self.label_manager.has_regions
         teacher: dict[str, torch.Tensor] = {}
 
@@ -459,7 +459,7 @@ class SelfDistillationMixin:
             loss = ground_truth(output, subset)
             logits = output[0] if isinstance(output, (list, tuple)) else output
             if subset == full:
-                teacher["logits"] = logits.detach()
+                teacher["logits"] = logits   # soft_target_loss detaches it
             elif mask is None and "logits" in teacher:
                 loss = loss + self.distill_weight * soft_target_loss(logits, teacher["logits"], regions=regions)
             return scaler.scale(loss) if scaler is not None else loss
